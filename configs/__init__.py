@@ -1,0 +1,1 @@
+"""YAML presets, shipped inside the package so `--config demo` works from any directory."""

@@ -1,0 +1,220 @@
+"""`rlhf`: run the pipeline, rerun one stage, inspect the registry.
+
+    rlhf run                                   # whole pipeline on the embedded demo
+    rlhf stage reward_model_safety --round 2   # one stage; inputs come from the registry
+    rlhf status                                # rounds x stages, versions, headline metrics
+    rlhf lineage VERSION                       # what an artifact was built from
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+# Keep Prefect and W&B from reaching out (DEVELOPERS.md); set before either is imported.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+app = typer.Typer(help="Llama 2-Chat style RLHF pipeline: SFT, reward models, rejection sampling, PPO, Ghost Attention.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Validate and inspect datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = typer.Option("demo", "--config", "-c", help="Preset name (demo, llama2-7b, ...) or path to a YAML file.")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir, runs/demo for the demo).")
+SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set sft.learning_rate=1e-5 (repeatable).")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(msg, fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _load(config: str, overrides: list[str] | None, **top):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [], **top)
+    except ConfigError as e:
+        _fail(f"error: {e}")
+
+
+def _runner(cfg, echo=True):
+    from .runner import Runner
+    from .tracking import tracker_factory
+
+    return Runner(cfg, tracker_factory=tracker_factory(cfg), echo=(lambda s: typer.echo(s)) if echo else None)
+
+
+@app.command()
+def run(
+    config: str = ConfigOpt,
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="RLHF rounds after SFT (default: the config's rounds)."),
+    run_dir: Optional[str] = RunDirOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute every stage even if a complete artifact exists."),
+) -> None:
+    """Run the whole pipeline, stage after stage, skipping what is already complete."""
+    from .context import StageFailed
+    from .runner import MissingInputError
+
+    cfg = _load(config, set_, run_dir=run_dir, rounds=rounds)
+    runner = _runner(cfg)
+    t0 = time.time()
+    typer.echo(f"run {cfg.name}: {cfg.rounds} rounds, run dir {cfg.run_dir}")
+    try:
+        results = runner.run_all(force=force)
+    except (StageFailed, MissingInputError) as e:
+        _fail(f"error: {e}", 1)
+    built = sum(not r.cached for r in results)
+    typer.echo(f"finished: {len(results)} stages ({built} built, {len(results) - built} cached) in {time.time() - t0:.1f}s")
+
+
+@app.command()
+def stage(
+    name: str = typer.Argument(..., help="Stage name: data, pretrained, sft, collect_preferences, reward_model_helpful, "
+                               "reward_model_safety, rejection_sampling, ppo, ghost_attention, evaluate."),
+    round: int = typer.Option(0, "--round", "-r", help="RLHF round (0 for data, pretrained and sft)."),
+    config: str = ConfigOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    set_: Optional[List[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="Recompute even if a complete artifact with this version exists."),
+) -> None:
+    """Run (or rerun) one stage; its inputs come from the registry."""
+    from .context import StageFailed
+    from .runner import MissingInputError
+    from .stages import STAGES
+
+    if name not in STAGES:
+        _fail(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    cfg = _load(config, set_, run_dir=run_dir)
+    try:
+        res = _runner(cfg).run_stage(name, round, force=force)
+    except (StageFailed, MissingInputError, ValueError) as e:
+        _fail(f"error: {e}", 1)
+    typer.echo(json.dumps({"stage": name, "round": round, "version": res.artifact.version, "cached": res.cached,
+                           "path": str(res.artifact.path), "metrics": _headline(res.artifact)}, default=str))
+
+
+def _headline(artifact) -> dict:
+    from .stages import STAGES
+
+    spec = STAGES.get(artifact.stage)
+    keys = spec.headline if spec else ()
+    return {k: artifact.metrics[k] for k in keys if k in artifact.metrics}
+
+
+def status_rows(run_dir: str) -> list[dict]:
+    """One row per (stage, round): complete artifacts, then running / failed attempts without one."""
+    from .registry import Registry
+
+    reg = Registry(run_dir)
+    rows = []
+    for a in reg.iter_artifacts():
+        newest = reg.find(a.stage, a.round)
+        if newest is None or newest.version != a.version:
+            continue
+        rows.append({"stage": a.stage, "round": a.round, "version": a.version, "status": "complete",
+                     "inputs": a.inputs, "metrics": a.metrics, "duration_s": a.manifest.get("duration_s"), "path": str(a.path)})
+    shown = {(r["stage"], r["round"]): r["version"] for r in rows}
+    for att in reg.attempts():
+        key = (att["stage"], att["round"])
+        # a running or failed attempt matters unless it produced the artifact already shown
+        if att.get("status") in ("running", "failed") and shown.get(key) != att.get("version"):
+            rows.append({"stage": att["stage"], "round": att["round"], "version": att.get("version"), "status": att["status"],
+                         "inputs": {}, "metrics": {}, "error": att.get("error"), "duration_s": None, "path": None})
+    from .stages import STAGES
+
+    order = {s: i for i, s in enumerate(STAGES)}
+    rows.sort(key=lambda r: (r["round"], order.get(r["stage"], 99)))
+    return rows
+
+
+@app.command()
+def status(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory to inspect."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: {run_dir, artifacts: [{stage, round, version, status, inputs, metrics, path}]}."),
+) -> None:
+    """Rounds x stages with status, version, duration and headline metrics."""
+    rows = status_rows(run_dir)
+    if as_json:
+        typer.echo(json.dumps({"run_dir": run_dir, "artifacts": rows}, default=str, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .stages import STAGES
+
+    if not rows:
+        typer.echo(f"no artifacts in {run_dir} yet (start with `rlhf run --run-dir {run_dir}`)")
+        return
+    table = Table(title=f"RLHF run {run_dir}")
+    for col in ("round", "stage", "status", "version", "duration", "metrics"):
+        table.add_column(col)
+    for r in rows:
+        spec = STAGES.get(r["stage"])
+        keys = spec.headline if spec else ()
+        shown = ", ".join(f"{k}={_fmt(r['metrics'][k])}" for k in keys if k in r["metrics"]) or (r.get("error") or "")[:80]
+        dur = f"{r['duration_s']:.1f}s" if r.get("duration_s") is not None else ""
+        color = {"complete": "green", "running": "yellow", "failed": "red"}.get(r["status"], "white")
+        table.add_row(str(r["round"]), r["stage"], f"[{color}]{r['status']}[/{color}]", r["version"] or "", dur, shown)
+    Console().print(table)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def lineage(
+    version: str = typer.Argument(..., help="Artifact version (a unique prefix is enough)."),
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tree as JSON."),
+) -> None:
+    """The tree of artifacts an artifact was built from."""
+    from .registry import Registry
+
+    reg = Registry(run_dir)
+    art = reg.by_version(version)
+    if art is None:
+        _fail(f"error: no artifact with version {version!r} in {run_dir}", 1)
+    tree = reg.lineage(art)
+    if as_json:
+        typer.echo(json.dumps(tree, indent=1))
+        return
+    from rich.tree import Tree
+    from rich.console import Console
+
+    def add(node, t):
+        for child in node["inputs"]:
+            sub = t.add(f"{child['role']}: {child['stage']} r{child['round']} {child['version']}" + (" [red](missing)" if child.get("missing") else ""))
+            add(child, sub)
+
+    root = Tree(f"{tree['stage']} r{tree['round']} {tree['version']}")
+    add(tree, root)
+    Console().print(root)
+
+
+@data_app.command("validate")
+def data_validate(
+    path: str = typer.Argument(..., help="JSONL, JSON or Parquet file, directory, or hub dataset name."),
+    kind: str = typer.Option(..., "--kind", help="Record kind: sft, preference, prompt or gatt."),
+    format: str = typer.Option("auto", "--format", help="auto, own, trl, hh_rlhf or mapped."),
+) -> None:
+    """Count valid records and summarise them; list bad records with file, line, field and reason."""
+    from data_specs.validate import main
+
+    raise typer.Exit(main(path, kind, format))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

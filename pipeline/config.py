@@ -1,0 +1,387 @@
+"""Run configuration: one pydantic model per stage, nested in a run model.
+
+Presets live in `configs/*.yaml` (shipped inside the package, so `--config demo` works anywhere).
+Overrides come as dotted keys: `--set sft.learning_rate=1e-5`. An unknown key or a bad value is
+rejected before any work starts, naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config problem a user can act on: names the key, the bad value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+
+
+class LoraConfig(_Cfg):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+    quantize_4bit: bool = Field(False, description="QLoRA: load the base in 4 bit (needs bitsandbytes and a CUDA GPU).")
+
+
+class TrainConfig(_Cfg):
+    """The supervised-training knobs shared by sft, rejection_sampling and ghost_attention."""
+
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (Llama 2 SFT: 2e-5).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (Llama 2 SFT: 0.1).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training set (Llama 2 SFT: 2).")
+    batch_size: int = Field(64, ge=1, description="Packed sequences per optimiser step (Llama 2 SFT: 64).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass; gradients accumulate up to batch_size.")
+    seq_len: int = Field(4096, ge=16, description="Packed sequence length in tokens (Llama 2 SFT: 4096).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps for linear warm-up before the cosine decay.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine schedule floor as a fraction of the peak learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps (None: run all epochs).")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimiser steps.")
+    eval_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of examples held out for validation loss.")
+    bf16: bool = Field(False, description="Use bfloat16 autocast (faster on recent CPUs and GPUs).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / QLoRA settings.")
+
+
+class GenerationConfig(_Cfg):
+    max_new_tokens: int = Field(256, ge=1, description="Longest response sampled.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (always) or vllm (GPU, when installed).")
+
+
+class DataSource(_Cfg):
+    path: str = Field(..., description="File (JSONL/JSON/Parquet), directory, or hub dataset name ('hub:' prefix forces the hub).")
+    format: Literal["auto", "own", "trl", "hh_rlhf", "mapped"] = Field("auto", description="Record format adapter.")
+    field_map: dict[str, str] = Field(default_factory=dict, description="Our field name -> the file's column (format 'mapped').")
+    split: str = Field("train", description="Split for hub datasets.")
+
+
+# ----------------------------------------------------------------------------------------------
+# one model per stage
+
+
+class DemoModelConfig(_Cfg):
+    """The tiny Llama pretrained on the demo world's raw text (GQA, RoPE, RMSNorm, SwiGLU)."""
+
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size trained on the world's text.")
+    hidden_size: int = Field(192, ge=16, description="Model width.")
+    intermediate_size: int = Field(512, ge=16, description="SwiGLU inner width.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(6, ge=1, description="Query heads.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
+    max_position_embeddings: int = Field(512, ge=64, description="Context length.")
+    pretrain_steps: int = Field(600, ge=1, description="Optimiser steps of pretraining on the raw text.")
+    pretrain_batch_size: int = Field(32, ge=1, description="Sequences per pretraining step.")
+    pretrain_seq_len: int = Field(128, ge=16, description="Tokens per pretraining sequence.")
+    pretrain_lr: float = Field(3e-3, gt=0, description="Pretraining peak learning rate.")
+
+
+class PretrainedStageConfig(_Cfg):
+    model: str = Field("demo", description="'demo', a hub id, a local directory, or a .gguf file.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a directory or hub repo).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run. Off unless you trust it.")
+    allow_pickle: bool = Field(False, description="Allow loading .bin/.pt (pickle) weights; safetensors only otherwise.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype for the registered checkpoint.")
+    demo: DemoModelConfig = Field(default_factory=DemoModelConfig, description="Tiny demo model (used when model='demo').")
+
+
+class DataConfig(_Cfg):
+    """Where the stages' datasets come from: the embedded demo world or user files."""
+
+    source: Literal["demo", "files"] = Field("demo", description="'demo' generates the synthetic world; 'files' reads the paths below.")
+    demo_n_sft: int = Field(27000, ge=10, description="Curated SFT pairs the demo world writes (Llama 2 sec. 3.1: 27,540).")
+    demo_n_train_prompts: int = Field(2000, ge=10, description="Prompts for preference collection, rejection sampling and PPO.")
+    demo_n_eval_prompts: int = Field(300, ge=10, description="Held-out evaluation prompts.")
+    demo_n_pretrain_docs: int = Field(30000, ge=10, description="Raw-text documents for demo pretraining.")
+    sft: DataSource | None = Field(None, description="SFT examples (source 'files').")
+    prompts: DataSource | None = Field(None, description="Prompts for RS / PPO / preference collection (source 'files').")
+    eval_prompts: DataSource | None = Field(None, description="Held-out prompts for evaluation (source 'files').")
+    eval_comparisons: DataSource | None = Field(None, description="Held-out comparisons for RM accuracy (source 'files').")
+    gatt_instructions: DataSource | None = Field(None, description="GAtt instructions (source 'files'); else built-in lists.")
+
+
+class SFTStageConfig(TrainConfig):
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N SFT examples (None: all).")
+
+
+class CollectPreferencesConfig(_Cfg):
+    source: str = Field("demo", description="'demo' (simulated annotator) or a per-round file pattern with {round}, e.g. data/prefs_r{round}.jsonl.")
+    format: Literal["auto", "own", "trl", "hh_rlhf", "mapped"] = Field("auto", description="Format of the labeled files.")
+    prompts_per_round: int = Field(1000, ge=1, description="Prompts sampled from the latest policy each round.")
+    temperatures: list[float] = Field([0.7, 1.0], min_length=1, description="Sampling temperatures for the two responses (varied, sec. 3.2.1).")
+    responses_per_prompt: int = Field(2, ge=2, description="Responses sampled per prompt; adjacent pairs are compared.")
+    annotator_noise: float = Field(0.1, ge=0, description="Std of the noise the simulated annotator adds to gold scores.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
+    export_unlabeled: bool = Field(True, description="Write unlabeled pairs as JSONL for human labelling.")
+
+
+class RewardModelConfig(_Cfg):
+    init_from: Literal["policy", "pretrained", "previous"] = Field(
+        "policy", description="policy: the round's starting policy; pretrained: the round-0 checkpoint; previous: last round's RM (falls back to policy in round 1)."
+    )
+    margin: Literal["small", "large", "off"] = Field("small", description="Margin table variant (Llama 2 Table 27).")
+    learning_rate: float = Field(1e-5, gt=0, description="Max learning rate (Llama 2 sec. 3.2.2: 1e-5; 5e-6 for 70B).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor: 10% of max (sec. 3.2.2).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up share of steps (sec. 3.2.2: 3%).")
+    min_warmup_steps: int = Field(5, ge=0, description="At least this many warm-up steps (sec. 3.2.2: 5).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (the base model's optimiser settings).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (sec. 3.2.2: 1; longer overfits).")
+    batch_size: int = Field(512, ge=1, description="Comparison pairs per optimiser step (sec. 3.2.2: 512 pairs).")
+    micro_batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
+    max_length: int = Field(4096, ge=16, description="Longest prompt+response in tokens; longer ones are truncated from the left.")
+    mix_other_ratio: float = Field(1.0, ge=0, description="Helpful RM: other data as a multiple of the own-domain data (sec. 3.2.2: equal part). Safety RM: ignored.")
+    helpful_share: float = Field(0.1, ge=0, lt=1, description="Safety RM: share of helpfulness data in the mix (sec. 3.2.2: 90/10).")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of this round's comparisons held out for accuracy.")
+    checkpoint_every: int = Field(50, ge=1, description="Resumable checkpoint every N optimiser steps.")
+    bf16: bool = Field(False, description="bfloat16 autocast.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class RejectionSamplingConfig(TrainConfig):
+    k: int = Field(10, ge=1, description="Samples per prompt (the paper does not state its K; Fig. 7 goes to 100).")
+    temperatures: list[float] = Field([1.0], min_length=1, description="Sampling temperatures (sec. 3.2.3 Fig. 8: 1.2-1.3 for later RLHF models).")
+    prompts_per_round: int = Field(1000, ge=1, description="Prompts sampled per round.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
+    keep_all_rounds: bool = Field(True, description="Train on the best samples of all earlier rounds too (sec. 3.2.3, from RLHF-V3).")
+    safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate on the safety score (sec. 3.2.3: 0.15).")
+
+
+class PPOConfig(_Cfg):
+    steps: int = Field(200, ge=1, description="PPO iterations (sec. 3.2.3: 200-400).")
+    batch_size: int = Field(512, ge=1, description="Rollouts per iteration (sec. 3.2.3: 512).")
+    mini_batch_size: int = Field(64, ge=1, description="Rollouts per gradient step; one step per mini-batch (sec. 3.2.3: 64).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch (one gradient step per mini-batch).")
+    learning_rate: float = Field(1e-6, gt=0, description="Constant learning rate (sec. 3.2.3: 1e-6).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1 (sec. 3.2.3: 0.9).")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (sec. 3.2.3: 0.95).")
+    adam_eps: float = Field(1e-5, gt=0, description="AdamW eps (sec. 3.2.3: 1e-5).")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (sec. 3.2.3: 0.1).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (sec. 3.2.3: 1.0).")
+    clip: float = Field(0.2, gt=0, description="PPO ratio clip (sec. 3.2.3: 0.2).")
+    value_clip: float = Field(0.2, gt=0, description="Value-function clip.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    beta: float = Field(0.01, ge=0, description="KL penalty (sec. 3.2.3: 0.01 for 7B/13B, 0.005 for 34B/70B).")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest rollout.")
+    safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate (sec. 3.2.3: 0.15).")
+    kl_bound: float = Field(10.0, gt=0, description="Stop (keeping the last good checkpoint) when mean KL to pi_0 exceeds this.")
+    min_response_tokens: float = Field(1.0, ge=0, description="Stop when the mean response length collapses below this.")
+    max_response_frac: float = Field(0.98, gt=0, le=1, description="Stop when this share of rollouts hit max_new_tokens (length explosion).")
+    share_value_trunk: bool = Field(True, description="Value head on the policy trunk (saves a model copy) instead of a separate critic.")
+    checkpoint_every: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled.")
+
+
+class GhostAttentionConfig(TrainConfig):
+    n_dialogues: int = Field(1000, ge=1, description="Synthetic multi-turn dialogues per round.")
+    turns: int = Field(4, ge=2, description="User turns per dialogue.")
+    max_instructions: int = Field(2, ge=1, description="Instructions randomly combined per dialogue (sec. 3.3).")
+    shorten_prob: float = Field(0.5, ge=0, le=1, description="Chance the final system message uses the short form (sec. 3.3: half).")
+    categories: list[str] = Field(["hobby", "language", "public_figure", "style"], min_length=1, description="Instruction categories used.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest sampled assistant turn.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature for assistant turns.")
+    eval_dialogues: int = Field(40, ge=1, description="Held-out dialogues for adherence by turn.")
+
+
+class EvaluateConfig(_Cfg):
+    n_prompts: int = Field(300, ge=1, description="Held-out prompts evaluated.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest response.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy answers.")
+    gatt_turns: int = Field(6, ge=1, description="Turns of the multi-turn adherence check.")
+    gatt_dialogues: int = Field(30, ge=1, description="Dialogues of the multi-turn adherence check.")
+    hacking_tolerance: float = Field(0.02, ge=0, description="Flag reward hacking when reward rises while gold helpfulness falls by more than this.")
+
+
+class TrackingConfig(_Cfg):
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode; offline needs no account or network.")
+    project: str = Field("rlhf-llama2", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user) when online.")
+
+
+class RunConfig(_Cfg):
+    name: str = Field("demo", description="Name of the RLHF run (W&B group, Prefect tags).")
+    seed: int = Field(0, description="Seed for every random choice in every stage.")
+    rounds: int = Field(3, ge=0, description="RLHF rounds after SFT (the paper: RLHF-V1..V5).")
+    run_dir: str = Field("runs/demo", description="Where artifacts, logs and W&B files go.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")
+    ppo_from: int = Field(2, ge=1, description="First round that runs PPO after rejection sampling (the paper: V5).")
+    gatt_from: int = Field(3, ge=1, description="First round that runs Ghost Attention (the paper: after V3).")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="W&B tracking.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
+    pretrained: PretrainedStageConfig = Field(default_factory=PretrainedStageConfig, description="Stage `pretrained`.")
+    sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Stage `sft`.")
+    collect_preferences: CollectPreferencesConfig = Field(default_factory=CollectPreferencesConfig, description="Stage `collect_preferences`.")
+    reward_model_helpful: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Stage `reward_model_helpful`.")
+    reward_model_safety: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Stage `reward_model_safety`.")
+    rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig, description="Stage `rejection_sampling`.")
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage `ppo`.")
+    ghost_attention: GhostAttentionConfig = Field(default_factory=GhostAttentionConfig, description="Stage `ghost_attention`.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Stage `evaluate`.")
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """The resolved config a stage's version depends on: its own section plus the run-level
+        settings every stage uses (seed, data, and the demo model for `pretrained`)."""
+        own = getattr(self, stage).model_dump(mode="json") if stage in STAGE_SECTIONS else {}
+        return {"stage": own, "seed": self.seed, "data": self.data.model_dump(mode="json")}
+
+
+STAGE_SECTIONS = (
+    "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety",
+    "rejection_sampling", "ppo", "ghost_attention", "evaluate",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# loading, overrides, and errors a user can act on
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A bare name ('demo') is a preset shipped in the package; anything else is a file path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    candidate = resources.files("configs") / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())} (or give a path to a YAML file)")
+    return Path(str(candidate))
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-5, true, [0.7, 1.0], null, or plain strings."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def _unknown_key(path: str, model: type[BaseModel], key: str) -> str:
+    close = difflib.get_close_matches(key, list(model.model_fields), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown config key {path!r}{hint}. Allowed at this level: {', '.join(model.model_fields)}"
+
+
+def check_key(keys: list[str]) -> None:
+    """Raise ConfigError unless `keys` is a path of fields through the config models."""
+    model: type[BaseModel] = RunConfig
+    for depth, key in enumerate(keys):
+        if key not in model.model_fields:
+            raise ConfigError(_unknown_key(".".join(keys), model, key))
+        sub = _submodel(model.model_fields[key].annotation)
+        if depth < len(keys) - 1:
+            if sub is None:
+                raise ConfigError(f"config key {'.'.join(keys[:depth + 1])!r} is a value, not a section; cannot set {'.'.join(keys)!r}")
+            model = sub
+
+
+def _section_model(keys: list[str]) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for key in keys:
+        model = _submodel(model.model_fields[key].annotation) or model
+    return model
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides to a raw config dict (validated afterwards)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value, e.g. sft.learning_rate=1e-5")
+        key, raw = item.split("=", 1)
+        keys = key.strip().split(".")
+        check_key(keys)  # unknown keys fail here, before anything runs
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = _parse_value(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            try:
+                model = _section_model(loc[:-1])
+                lines.append("  " + _unknown_key(key, model, loc[-1]))
+            except (KeyError, AttributeError):
+                lines.append(f"  {key}: unknown config key")
+        else:
+            ctx = e.get("ctx") or {}
+            allowed = f" Allowed: {ctx['expected']}." if "expected" in ctx else ""
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}).{allowed}")
+    return "\n".join(lines)
+
+
+def load_config(config: str = "demo", overrides: list[str] | None = None, **top_level: Any) -> RunConfig:
+    """Load a preset or YAML file, apply dotted overrides and top-level values (None is skipped)."""
+    path = resolve_preset(config)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    data = apply_overrides(data, list(overrides or []))
+    for k, v in top_level.items():
+        if v is not None:
+            data[k] = v
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, str(path) + (" with --set overrides" if overrides else ""))) from None
+
+
+def round_stages(cfg: RunConfig, round: int) -> list[str]:
+    """The stages of one round, in DAG order (round 0 is pretrained + sft)."""
+    if round == 0:
+        return ["pretrained", "sft"]
+    stages = ["collect_preferences", "reward_model_helpful", "reward_model_safety", "rejection_sampling"]
+    if round >= cfg.ppo_from:
+        stages.append("ppo")
+    if round >= cfg.gatt_from:
+        stages.append("ghost_attention")
+    stages.append("evaluate")
+    return stages
+
+
+def policy_stage(cfg: RunConfig, round: int) -> str:
+    """The stage whose artifact is the policy at the end of `round`."""
+    return round_stages(cfg, round)[-2] if round > 0 else "sft"

@@ -1,0 +1,77 @@
+"""What a stage's `run(ctx)` receives: its config, its input artifacts, where to write, how to log.
+
+A stage is a plain function `run(ctx) -> metrics`. It does not import Prefect, reads no
+environment variables, and can be called from a test, the CLI or a Prefect task.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig
+from .registry import Artifact, Registry
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped on purpose (bad input, a guard tripped): the reason is recorded, no retry helps."""
+
+
+@dataclass
+class StageContext:
+    stage: str
+    round: int
+    version: str
+    config: RunConfig
+    inputs: dict[str, Artifact]
+    out_dir: Path  # build directory; becomes the artifact on success
+    work_dir: Path  # persists across crashes: checkpoints for resume
+    registry: Registry
+    log_fn: Callable[[dict[str, Any], int | None], None] | None = None  # the tracker's log
+    show_progress: bool = True
+    _t0: float = field(default_factory=time.time)
+
+    @property
+    def section(self) -> Any:
+        """This stage's own config model (e.g. `ctx.config.sft`)."""
+        return getattr(self.config, self.stage)
+
+    @property
+    def seed(self) -> int:
+        """A seed per (run seed, stage, round), so rounds do not repeat each other's samples."""
+        return (self.config.seed * 1_000_003 + sum(map(ord, self.stage)) * 101 + self.round) % (2**31)
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        if self.config.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.config.device
+
+    def input(self, role: str) -> Artifact:
+        if role not in self.inputs:
+            raise StageFailed(f"stage {self.stage} round {self.round} has no input {role!r} (has: {', '.join(self.inputs)})")
+        return self.inputs[role]
+
+    def inputs_like(self, prefix: str) -> list[Artifact]:
+        """Inputs whose role starts with `prefix`, ordered by round (e.g. all preference batches)."""
+        return sorted((a for r, a in self.inputs.items() if r.startswith(prefix)), key=lambda a: a.round)
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Append a metrics row to the stage's history (kept in the artifact) and the tracker."""
+        row = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.work_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+        if self.log_fn is not None:
+            self.log_fn(metrics, step)
+
+    def progress(self, total: int | None, desc: str, unit: str = "it"):
+        """A progress bar with rate and ETA."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"{self.stage} r{self.round}: {desc}", unit=unit, disable=not self.show_progress,
+                    dynamic_ncols=True, leave=False, mininterval=1.0)

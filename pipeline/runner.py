@@ -1,0 +1,272 @@
+"""The stage runner: resolve inputs, compute the version, reuse or build, register.
+
+    version = hash(stage, round, resolved stage config, input versions, code fingerprint)
+
+Same inputs and config give the same version, so a rerun is a cache hit (milliseconds, nothing
+heavy is imported); `force=True` rebuilds. A failure leaves no complete-looking artifact.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig
+from .context import StageContext, StageFailed
+from .io import sha256_file, stable_hash
+from .registry import Artifact, Registry
+from .stages import STAGES, StageSpec, schedule
+
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "pydantic")
+
+
+class MissingInputError(RuntimeError):
+    """An input artifact is not in the registry; the message says which command produces it."""
+
+
+@dataclass
+class StageResult:
+    artifact: Artifact
+    cached: bool
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------- code
+
+
+@lru_cache(maxsize=None)
+def _module_files(module: str) -> tuple[Path, ...]:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ()
+    origin = Path(spec.origin)
+    if origin.name == "__init__.py":  # a package: every module in it
+        return tuple(sorted(origin.parent.rglob("*.py")))
+    return (origin,)
+
+
+@lru_cache(maxsize=None)
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    out = []
+    for lib in LIBRARIES:
+        try:
+            out.append((lib, importlib.metadata.version(lib)))
+        except importlib.metadata.PackageNotFoundError:
+            out.append((lib, "absent"))
+    return tuple(out)
+
+
+def code_fingerprint(spec: StageSpec) -> str:
+    """Hash of the stage's own modules and the library versions (editing PPO keeps SFT's version)."""
+    parts: dict[str, Any] = {"libs": _library_versions()}
+    if callable(spec.entry):
+        import inspect
+
+        try:
+            parts["entry"] = inspect.getsource(spec.entry)
+        except (OSError, TypeError):  # defined in a string (python -c): fall back to its bytecode
+            parts["entry"] = spec.entry.__code__.co_code.hex()
+    else:
+        modules = (spec.entry.split(":")[0], *spec.code)
+        for m in sorted(set(modules)):
+            try:
+                files = _module_files(m)
+            except (ImportError, ValueError):
+                files = ()
+            parts[m] = [sha256_file(f)[:16] for f in files] or "missing"
+    return stable_hash(parts, 16)
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """Git commit of the project (and whether the tree was dirty), for every manifest."""
+    root = Path(__file__).resolve().parent.parent
+    info: dict[str, Any] = {"package": _package_version()}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+            info["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("rlhf-llama2")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------- runner
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, specs: dict[str, StageSpec] | None = None, tracker_factory: Callable | None = None,
+                 echo: Callable[[str], None] | None = print, show_progress: bool = True):
+        self.cfg = cfg
+        self.specs = specs or STAGES
+        self.registry = Registry(cfg.run_dir)
+        self.tracker_factory = tracker_factory
+        self.echo = echo or (lambda s: None)
+        self.show_progress = show_progress
+
+    def spec(self, stage: str) -> StageSpec:
+        if stage not in self.specs:
+            raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(self.specs)}")
+        return self.specs[stage]
+
+    def resolve_inputs(self, stage: str, round: int) -> dict[str, Artifact]:
+        spec = self.spec(stage)
+        if spec.rounds == "zero" and round != 0:
+            raise ValueError(f"stage {stage} runs in round 0 only (got --round {round})")
+        if spec.rounds == "rlhf" and round < 1:
+            raise ValueError(f"stage {stage} runs in rounds >= 1 (got --round {round})")
+        found, missing = {}, []
+        for role, (s, r) in spec.inputs(self.cfg, round).items():
+            art = self.registry.find(s, r)
+            if art is None:
+                missing.append((role, s, r))
+            else:
+                found[role] = art
+        if missing:
+            lines = [f"stage {stage} round {round} cannot run: missing inputs in {self.registry.run_dir}:"]
+            for role, s, r in missing:
+                lines.append(f"  {role}: stage {s} round {r} -> produce it with `rlhf stage {s} --round {r} --run-dir {self.cfg.run_dir}`")
+            raise MissingInputError("\n".join(lines))
+        return found
+
+    def version(self, stage: str, round: int, inputs: dict[str, Artifact]) -> str:
+        spec = self.spec(stage)
+        return stable_hash({
+            "stage": stage,
+            "round": round,
+            "config": self.cfg.stage_config(stage),
+            "inputs": {role: a.version for role, a in sorted(inputs.items())},
+            "code": code_fingerprint(spec),
+        }, 12)
+
+    def run_stage(self, stage: str, round: int = 0, force: bool = False) -> StageResult:
+        t0 = time.time()
+        spec = self.spec(stage)
+        inputs = self.resolve_inputs(stage, round)
+        version = self.version(stage, round, inputs)
+        existing = self.registry.find(stage, round, version)
+        if existing is not None and not force:
+            self.echo(f"[cached] {stage} round {round} ({version})")
+            return StageResult(existing, True, time.time() - t0)
+
+        self.echo(f"[run]    {stage} round {round} ({version})")
+        self.registry.clean_stale_builds()
+        build = self.registry.new_build_dir(stage, round, version)
+        work = self.registry.work_dir(stage, round, version)
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        self.registry.record_attempt(stage, round, status="running", version=version, started_at=started, pid=os.getpid(),
+                                     host=socket.gethostname())
+        tracker = self.tracker_factory(self.cfg, spec, round, version, inputs) if self.tracker_factory else None
+        ctx = StageContext(stage, round, version, self.cfg, inputs, build, work, self.registry,
+                           log_fn=tracker.log if tracker else None, show_progress=self.show_progress)
+        try:
+            fn = _entry(spec)
+            _seed_everything(ctx.seed, self.cfg.threads)
+            metrics = fn(ctx) or {}
+            if (work / "metrics.jsonl").exists():
+                shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
+            finished = time.time()
+            manifest = {
+                "stage": stage,
+                "round": round,
+                "version": version,
+                "run": self.cfg.name,
+                "inputs": {role: {"stage": a.stage, "round": a.round, "version": a.version} for role, a in inputs.items()},
+                "config": self.cfg.stage_config(stage),
+                "code": {**code_version(), "fingerprint": code_fingerprint(spec), "libraries": dict(_library_versions())},
+                "metrics": _jsonable(metrics),
+                "started_at": started,
+                "finished_at": finished,
+                "duration_s": builtins.round(finished - started, 3),
+                "artifact_type": spec.artifact_type,
+            }
+            artifact = self.registry.commit(build, manifest)
+        except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
+            shutil.rmtree(build, ignore_errors=True)
+            reason = f"{type(e).__name__}: {e}"
+            self.registry.record_attempt(stage, round, status="failed", version=version, started_at=started,
+                                         finished_at=time.time(), error=reason, traceback=traceback.format_exc()[-4000:])
+            if tracker:
+                tracker.finish(None, failed=reason)
+            raise
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are no longer needed once complete
+        self.registry.record_attempt(stage, round, status="complete", version=version, started_at=started, finished_at=time.time())
+        if tracker:
+            tracker.finish(artifact)
+        self.echo(f"[done]   {stage} round {round} in {time.time() - t0:.1f}s")
+        return StageResult(artifact, False, time.time() - t0)
+
+    def run_all(self, rounds: int | None = None, force: bool = False) -> list[StageResult]:
+        results = []
+        for stage, r in schedule(self.cfg, rounds, self.specs):
+            results.append(self.run_stage(stage, r, force=force))
+        return results
+
+
+def _entry(spec: StageSpec) -> Callable[[StageContext], dict]:
+    if callable(spec.entry):
+        return spec.entry
+    module, _, func = spec.entry.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            raise StageFailed(f"stage {spec.name} is not implemented in this version (module {module} is missing)") from e
+        raise
+    return getattr(mod, func)
+
+
+def _seed_everything(seed: int, threads: int | None) -> None:
+    import random
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+        if threads:
+            torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
