@@ -1,0 +1,132 @@
+"""Loading and saving checkpoints: hub ids, local directories and GGUF files, one code path.
+
+Safe by default: no remote code unless the config says so, safetensors only unless pickle is
+explicitly allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .chat import CHAT_SPECIAL_TOKENS, ensure_chat_template, ensure_pad_token
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, unreadable, or not a causal language model."""
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(path or hub id, gguf file name or None). A path to a .gguf file is split into its folder and name."""
+    p = Path(model).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise CheckpointError(f"GGUF file not found: {p}")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"checkpoint path {p} is a file; give a directory or a .gguf file")
+        if gguf_file is None and not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(p), ggufs[0].name
+            raise CheckpointError(f"{p} has no config.json" + (f"; several GGUF files, pick one with pretrained.gguf_file: {[g.name for g in ggufs]}" if ggufs else ""))
+        return str(p), gguf_file
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise CheckpointError(f"checkpoint not found: {model} (no such directory or file)")
+    return model, gguf_file  # a hub id
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_causal_lm(config) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (not archs or any(a.endswith("ForCausalLM") for a in archs)):
+        return
+    raise CheckpointError(
+        f"not a causal language model: model_type={config.model_type!r}, architectures={archs}. "
+        "The pipeline needs a decoder-only model with a language-model head (e.g. LlamaForCausalLM)."
+    )
+
+
+def load_causal_lm(model: str, *, gguf_file: str | None = None, revision: str | None = None, trust_remote_code: bool = False,
+                   allow_pickle: bool = False, dtype: str = "float32", device: str = "cpu"):
+    """Load (model, tokenizer) from a hub id, a local directory or a GGUF file, with checks."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf = resolve_source(model, gguf_file)
+    common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf:
+        common["gguf_file"] = gguf
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the checkpoint config of {model!r}: {e}") from e
+    check_causal_lm(config)
+    if not gguf and not allow_pickle and Path(source).is_dir():
+        if not list(Path(source).glob("*.safetensors")) and list(Path(source).glob("*.bin")):
+            raise CheckpointError(f"{source} has only pickle (.bin) weights; set pretrained.allow_pickle=true if you trust them")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(source, dtype=_torch_dtype(dtype), use_safetensors=None if (gguf or allow_pickle) else True, **common)
+        tok = AutoTokenizer.from_pretrained(source, **common)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load {model!r}: {e}") from e
+    prepare_tokenizer(tok, lm)
+    return lm.to(device), tok
+
+
+def prepare_tokenizer(tok, model=None) -> dict[str, bool]:
+    """Pad token and chat template; keeps the model's embeddings in step with the vocabulary."""
+    had_pad = tok.pad_token_id is not None
+    ensure_pad_token(tok)
+    set_template = ensure_chat_template(tok)
+    if model is not None:
+        if len(tok) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tok))
+        model.config.pad_token_id = tok.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+    return {"added_pad_token": not had_pad, "set_llama2_template": set_template}
+
+
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) of a registered policy artifact (always safetensors, no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype), use_safetensors=True).to(device)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    return model, tok
+
+
+def save_policy(model, tokenizer, out_dir: str | Path) -> None:
+    """Weights as safetensors plus the tokenizer (with its chat template)."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_card(model, tokenizer, source: str, extra: dict | None = None) -> str:
+    n = count_params(model)
+    lines = [
+        f"# {source}",
+        "",
+        f"* architecture: {type(model).__name__} ({model.config.model_type})",
+        f"* parameters: {n:,} ({n / 1e6:.2f}M)",
+        f"* layers: {getattr(model.config, 'num_hidden_layers', '?')}, hidden: {getattr(model.config, 'hidden_size', '?')}, "
+        f"heads: {getattr(model.config, 'num_attention_heads', '?')} (kv {getattr(model.config, 'num_key_value_heads', '?')})",
+        f"* vocabulary: {len(tokenizer)}; pad token: {tokenizer.pad_token!r}; chat template: {'Llama 2' if '[INST]' in (tokenizer.chat_template or '') else 'own'}",
+    ]
+    for k, v in (extra or {}).items():
+        lines.append(f"* {k}: {v}")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CHAT_SPECIAL_TOKENS", "CheckpointError", "load_causal_lm", "load_policy", "save_policy", "prepare_tokenizer", "model_card"]
