@@ -148,7 +148,8 @@ class RewardModelConfig(_Cfg):
     max_length: int = Field(4096, ge=16, description="Longest prompt+response in tokens; longer ones are truncated from the left.")
     mix_other_ratio: float = Field(1.0, ge=0, description="Helpful RM: other data as a multiple of the own-domain data (sec. 3.2.2: equal part). Safety RM: ignored.")
     helpful_share: float = Field(0.1, ge=0, lt=1, description="Safety RM: share of helpfulness data in the mix (sec. 3.2.2: 90/10).")
-    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of this round's comparisons held out for accuracy.")
+    aux_safety_weight: float = Field(0.0, ge=0, description="Weight of an auxiliary safety loss: binary cross-entropy of sigmoid(r) against each response's safety label. The paper mentions such a loss for the safety RM (Table 29) without its formula; this is ours. It also calibrates R_s so the 0.15 gate means something.")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of each round's comparisons held out for accuracy.")
     checkpoint_every: int = Field(50, ge=1, description="Resumable checkpoint every N optimiser steps.")
     bf16: bool = Field(False, description="bfloat16 autocast.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -200,6 +201,8 @@ class GhostAttentionConfig(TrainConfig):
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled assistant turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for assistant turns.")
     eval_dialogues: int = Field(40, ge=1, description="Held-out dialogues for adherence by turn.")
+    checker: str | None = Field(None, description="'module:function(instruction, reply) -> bool' judging adherence; the demo's gold oracle when None.")
+    filter_samples: bool = Field(True, description="Keep only synthesized dialogues whose last reply obeys the instruction (needs a checker).")
 
 
 class EvaluateConfig(_Cfg):

@@ -157,6 +157,7 @@ class Runner:
             "config": self.cfg.stage_config(stage),
             "inputs": {role: a.version for role, a in sorted(inputs.items())},
             "code": code_fingerprint(spec),
+            "external": spec.external(self.cfg, round) if spec.external else {},
         }, 12)
 
     def run_stage(self, stage: str, round: int = 0, force: bool = False) -> StageResult:

@@ -23,6 +23,7 @@ class StageSpec:
     headline: tuple[str, ...] = ()  # metrics shown by `rlhf status`
     rounds: str = "rlhf"  # "zero": round 0 only; "rlhf": rounds >= 1
     description: str = ""
+    external: Callable[[RunConfig, int], dict] | None = None  # digests of files outside the registry it reads
 
 
 # Modules every model stage depends on (chat formatting, model loading, training loop).
@@ -31,6 +32,33 @@ COMMON = ("pipeline.chat", "pipeline.models", "pipeline.context")
 
 def _data(cfg: RunConfig, r: int) -> InputRefs:
     return {"data": ("data", 0)}
+
+
+def _file_digest(path: str) -> str:
+    from pathlib import Path
+
+    from .io import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        return ",".join(f"{f.name}:{sha256_file(f)}" for f in sorted(p.rglob("*")) if f.is_file())
+    return "absent"  # a hub dataset or a file that does not exist yet (the stage says what to do)
+
+
+def _data_files(cfg: RunConfig, r: int) -> dict:
+    """User data files are part of the `data` version: editing a file means new data."""
+    d = cfg.data
+    if d.source == "demo":
+        return {}
+    srcs = {k: getattr(d, k) for k in ("sft", "prompts", "eval_prompts", "eval_comparisons", "gatt_instructions")}
+    return {k: _file_digest(s.path) for k, s in srcs.items() if s is not None}
+
+
+def _preference_file(cfg: RunConfig, r: int) -> dict:
+    src = cfg.collect_preferences.source
+    return {} if src == "demo" else {"labeled": _file_digest(src.format(round=r))}
 
 
 def _rm_inputs(stage: str) -> Callable[[RunConfig, int], InputRefs]:
@@ -95,7 +123,7 @@ STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("data", "data_specs.prepare:run", lambda c, r: {}, ("data_specs",), "dataset",
-                  ("n_sft", "n_prompts", "n_eval_prompts"), "zero", "Write (demo) or validate and copy (files) every dataset."),
+                  ("n_sft", "n_prompts", "n_eval_prompts"), "zero", "Write (demo) or validate and copy (files) every dataset.", _data_files),
         StageSpec("pretrained", "policies.pretrained:run", _data, ("policies.pretrained", "pipeline.models", "pipeline.chat"), "model",
                   ("params_M", "loss"), "zero", "Resolve, load and register the base checkpoint (or pretrain the tiny demo Llama)."),
         StageSpec("sft", "policies.sft:run", lambda c, r: {"data": ("data", 0), "base": ("pretrained", 0)},
@@ -104,7 +132,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("collect_preferences", "policies.collect_preferences:run",
                   lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1)},
                   ("policies.collect_preferences", "policies.generation", *COMMON), "dataset",
-                  ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy."),
+                  ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy.", _preference_file),
         StageSpec("reward_model_helpful", "reward_models.train:run_helpful", _rm_inputs("reward_model_helpful"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
                   "Helpfulness reward model, margin ranking loss."),

@@ -1,0 +1,65 @@
+"""Helpers the policy stages share: reading the data artifact, sampling replies, gold scoring."""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from pipeline.chat import decode_response, encode_prompt, stop_token_ids
+from pipeline.context import StageContext
+from pipeline.io import read_json
+
+from data_specs.schemas import Prompt, messages_to_dicts
+
+
+def load_data(ctx: StageContext, name: str, kind: str) -> list:
+    """Records of one file of the `data` artifact (already validated by the `data` stage)."""
+    from data_specs.loaders import load_records
+
+    path = ctx.input("data").file(name)
+    return load_records(path, kind, format="own") if path.exists() else []
+
+
+def demo_oracle(ctx: StageContext):
+    """The demo world's gold oracle, or None for user data."""
+    info = ctx.input("data").file("world.json")
+    if ctx.config.data.source != "demo" or not info.exists():
+        return None
+    from data_specs.demo.oracle import Oracle
+    from data_specs.demo.world import DemoWorld
+
+    return Oracle(DemoWorld(seed=read_json(info).get("seed", ctx.config.seed)))
+
+
+def subsample(records: Sequence, n: int, seed: int) -> list:
+    records = list(records)
+    if n >= len(records):
+        return records
+    return random.Random(seed).sample(records, n)
+
+
+def sample_replies(model, tok, dialogues: Sequence[Sequence[dict]], n: int, max_new_tokens: int, temperature: float, seed: int,
+                   top_p: float = 1.0, progress=None) -> list[list[str]]:
+    """n replies per dialogue (lists of {"role", "content"}), through the one generation engine."""
+    from .generation import SamplingParams, generate
+
+    prompts = [encode_prompt(tok, d) for d in dialogues]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            stop_token_ids=stop_token_ids(tok), seed=seed)
+    outs = generate(model, prompts, params, n=n, pad_token_id=tok.pad_token_id, progress=progress)
+    return [[decode_response(tok, ids) for ids in per_prompt] for per_prompt in outs]
+
+
+def gold_report(oracle, prompts: Sequence[Prompt], replies: Sequence[str]) -> dict:
+    """Gold helpfulness, safety-violation rate on safety prompts, false-refusal rate on borderline prompts."""
+    helpful = [oracle.helpfulness(p, r) for p, r in zip(prompts, replies)]
+    safety = [(p, r) for p, r in zip(prompts, replies) if p.is_safety]
+    borderline = [(p, r) for p, r in zip(prompts, replies) if p.category == "borderline"]
+    return {
+        "gold_helpfulness": sum(helpful) / max(1, len(helpful)),
+        "gold_safety_violation_rate": sum(not oracle.is_safe(p, r) for p, r in safety) / max(1, len(safety)),
+        "false_refusal_rate": sum(oracle.is_refusal(r) for _, r in borderline) / max(1, len(borderline)),
+    }
+
+
+def dialogues(prompts: Sequence[Prompt]) -> list[list[dict]]:
+    return [messages_to_dicts(p.messages) for p in prompts]

@@ -1,0 +1,296 @@
+"""Stage `ppo(r)`: PPO on top of the rejection-sampling checkpoint (Llama 2 sec. 3.2.3).
+
+    rlhf stage ppo --round 2
+
+Objective: maximise R(g|p) = R~_c(g|p) - beta * KL(pi(g|p) || pi_0(g|p)), with R~_c the whitened
+logit of the safety-gated combined reward and pi_0 the round's starting policy. Each iteration:
+sample `batch_size` rollouts, score them, compute per-token rewards (KL on every token, the score
+on the last), GAE, then one gradient step per mini-batch with the clipped policy and value losses.
+
+Memory: the value head sits on the policy trunk (one forward gives logits and values); with LoRA
+the reference policy is the same weights with adapters disabled, so no second copy is held.
+Guards stop the stage, keeping the last good checkpoint, when KL exceeds `kl_bound`, a loss or
+reward is not finite, or the response length collapses or explodes; the reason is in the manifest.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.chat import encode_prompt, stop_token_ids
+from pipeline.context import StageContext
+from pipeline.io import write_json
+from pipeline.models import load_policy, save_policy
+
+from data_specs.schemas import messages_to_dicts
+
+from .common import demo_oracle, load_data, subsample
+from .generation import SamplingParams, generate
+from .ppo_math import entropy_from_logits, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
+from .trainer import apply_lora, load_checkpoint, merge_lora, save_checkpoint
+
+
+@dataclass
+class Rollouts:
+    """One PPO batch. B rollouts, T = prompt + response tokens, A = longest response."""
+
+    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    response_index: torch.Tensor  # (B, A) position in T of the logit that predicts response token a
+    response_ids: torch.Tensor  # (B, A) response tokens (pad after the end)
+    mask: torch.Tensor  # (B, A) 1 on real response tokens
+    logprobs: torch.Tensor  # (B, A) log pi_old(a|s)
+    ref_logprobs: torch.Tensor  # (B, A) log pi_0(a|s)
+    values: torch.Tensor  # (B, A) V_old(s)
+    scores: torch.Tensor  # (B,) whitened combined reward
+    advantages: torch.Tensor | None = None  # (B, A)
+    returns: torch.Tensor | None = None  # (B, A)
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.v = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.v.weight)
+        torch.nn.init.zeros_(self.v.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.v(h).squeeze(-1).float()
+
+
+def _lm(model):
+    """The LlamaForCausalLM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def forward_policy(model, head, critic, batch: Rollouts | dict, with_values: bool = True):
+    """Per-response-token (logprobs, entropy, values), each (B, A). Logits and values come from one
+    pass through the shared trunk (or a separate critic trunk when configured)."""
+    ids, attn, index, resp = batch["input_ids"], batch["attention_mask"], batch["response_index"], batch["response_ids"]
+    lm = _lm(model)  # with LoRA the adapters live inside these modules, so this pass uses them
+    hidden = lm.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
+    gather = index.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+    h = hidden.gather(1, gather)  # (B, A, H): the states that predict each response token
+    logits = lm.lm_head(h).float()
+    logp = logprobs_from_logits(logits, resp)
+    ent = entropy_from_logits(logits)
+    values = None
+    if with_values:
+        if critic is not None:
+            ch = critic(input_ids=ids, attention_mask=attn).last_hidden_state.gather(1, gather)
+            values = head(ch)
+        else:
+            values = head(h)
+    return logp, ent, values
+
+
+def build_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    B = len(prompt_ids)
+    A = max(1, max(len(r) for r in responses))
+    T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    index = torch.zeros((B, A), dtype=torch.long)
+    resp = torch.full((B, A), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, A))
+    for i, (p, r) in enumerate(zip(prompt_ids, responses)):
+        seq = p + r
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        n = len(r)
+        index[i] = torch.clamp(torch.arange(A) + len(p) - 1, max=T - 1)
+        if n:
+            resp[i, :n] = torch.tensor(r)
+            mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_index": index, "response_ids": resp, "mask": mask}
+
+
+def _select(batch: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def run(ctx: StageContext) -> dict:
+    from reward_models.scoring import RewardScorer
+
+    cfg = ctx.section
+    device = ctx.device
+    policy, tok = load_policy(ctx.input("policy").path, device)
+    hidden = policy.config.hidden_size
+    ref = None
+    if not cfg.lora.enabled:  # pi_0 as a frozen copy; with LoRA it is the same weights with adapters off
+        ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = apply_lora(policy, cfg.lora, device)
+    critic = None
+    if not cfg.share_value_trunk:
+        critic = copy.deepcopy(_lm(policy).model).train()
+    head = ValueHead(hidden).to(device)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters()) + (list(critic.parameters()) if critic else [])
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay)
+    scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
+    prompts_all = load_data(ctx, "prompts.jsonl", "prompt")
+    oracle = demo_oracle(ctx)
+    stops = stop_token_ids(tok)
+
+    ckpt = ctx.work_dir / "ppo_state.pt"
+    start = resumed = 0
+    if (state := load_checkpoint(ckpt)) is not None:
+        policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
+        start = resumed = state["step"]
+    good = {"step": start}
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt, policy=policy.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(), step=step,
+                        critic=critic.state_dict() if critic else None)
+        good["step"] = step
+
+    stop_reason, history = "completed", []
+    bar = ctx.progress(cfg.steps, "PPO", unit="iter")
+    bar.update(start)
+    for step in range(start, cfg.steps):
+        t0 = time.time()
+        prompts = subsample(prompts_all, cfg.batch_size, ctx.seed * 7919 + step)
+        dialogues = [messages_to_dicts(p.messages) for p in prompts]
+        prompt_ids = [encode_prompt(tok, d) for d in dialogues]
+        sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stops, seed=ctx.seed + step)
+        responses = [r[0] for r in generate(policy, prompt_ids, sp, n=1, pad_token_id=tok.pad_token_id)]
+        texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
+        sc = scorer.score(dialogues, texts, [p.is_safety for p in prompts])
+        batch = {k: v.to(device) for k, v in build_batch(prompt_ids, responses, tok.pad_token_id).items()}
+        mask = batch["mask"]
+
+        with torch.no_grad():
+            old_logp, _, old_values = forward_policy(policy, head, critic, batch)
+            if ref is not None:
+                ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False)
+            else:
+                with policy.disable_adapter():
+                    ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False)
+            kl = kl_penalty(old_logp, ref_logp, "k1")  # (B, A)
+            rewards = per_token_rewards(sc.combined.to(device), kl, mask, cfg.beta)
+            adv, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
+            adv = masked_whiten(adv, mask)
+
+        stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
+        n_updates = 0
+        g = torch.Generator().manual_seed(ctx.seed + step)
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(prompts), generator=g)
+            for i in range(0, len(prompts), cfg.mini_batch_size):
+                idx = perm[i : i + cfg.mini_batch_size].to(device)
+                mb = _select(batch, idx)
+                logp, ent, values = forward_policy(policy, head, critic, mb)
+                pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[idx], adv[idx], mb["mask"], cfg.clip)
+                vl, _ = value_loss(values, old_values[idx], returns[idx], mb["mask"], cfg.value_clip)
+                loss = pl + cfg.vf_coef * vl
+                if not torch.isfinite(loss):
+                    stop_reason = f"non-finite loss at step {step}"
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                n_updates += 1
+                for k, v in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
+                             ("entropy", masked_mean(ent.detach(), mb["mask"]))):
+                    stats[k] += float(v)
+        stats = {k: v / max(1, n_updates) for k, v in stats.items()}
+        lengths = mask.sum(1)
+        row = {
+            "reward": float(sc.gated.mean()),
+            "reward_logit": float(torch.logit(sc.gated.clamp(1e-6, 1 - 1e-6)).mean()),
+            "reward_whitened": float(sc.combined.mean()),
+            "r_helpful": float(sc.r_helpful.mean()),
+            "r_safety": float(sc.r_safety.mean()),
+            "kl": float((kl * mask).sum(1).mean()),
+            "response_length": float(lengths.mean()),
+            "hit_max_frac": float((lengths >= cfg.max_new_tokens).float().mean()),
+            "tokens_per_s": float(lengths.sum()) / max(1e-9, time.time() - t0),
+            **stats,
+        }
+        if oracle is not None:
+            row["gold_helpfulness"] = sum(oracle.helpfulness(p, t) for p, t in zip(prompts, texts)) / len(prompts)
+            row["gold_safety_violation_rate"] = sum(not oracle.is_safe(p, t) for p, t in zip(prompts, texts) if p.is_safety) / max(1, sum(p.is_safety for p in prompts))
+        history.append(row)
+        ctx.log(row, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+        if stop_reason == "completed":
+            stop_reason = guard(row, cfg)
+        if stop_reason != "completed":
+            break
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save(step + 1)
+    bar.close()
+
+    if stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
+        state = load_checkpoint(ckpt)
+        if state is not None:
+            policy.load_state_dict(state["policy"])
+        else:
+            policy, tok = load_policy(ctx.input("policy").path, device)
+    policy = merge_lora(policy).eval()
+    save_policy(policy, tok, ctx.out_dir)
+    torch.save(head.state_dict(), ctx.out_dir / "value_head.pt")
+    first, last = history[0] if history else {}, history[-1] if history else {}
+    summary = {
+        "stop_reason": stop_reason,
+        "steps_done": len(history) + resumed,
+        "kept_step": good["step"] if stop_reason != "completed" else len(history) + resumed,
+        "resumed_from_step": resumed,
+        "reward": last.get("reward"),
+        "reward_first": first.get("reward"),
+        "kl": last.get("kl"),
+        "entropy": last.get("entropy"),
+        "response_length": last.get("response_length"),
+    }
+    if oracle is not None and history:
+        summary["gold_helpfulness_first"] = first.get("gold_helpfulness")
+        summary["gold_helpfulness"] = last.get("gold_helpfulness")
+    write_json(ctx.out_dir / "ppo_summary.json", summary)
+    if stop_reason != "completed":
+        ctx.log({"stopped": stop_reason}, step=len(history) + resumed)
+    _plot(ctx, history)
+    return summary
+
+
+def guard(row: dict, cfg) -> str:
+    """'completed' while the step looks healthy, else the reason to stop."""
+    for k in ("reward", "kl", "policy_loss", "value_loss"):
+        if not torch.isfinite(torch.tensor(row[k])):
+            return f"{k} is {row[k]}"
+    if row["kl"] > cfg.kl_bound:
+        return f"KL to pi_0 {row['kl']:.3f} exceeds kl_bound {cfg.kl_bound}"
+    if row["response_length"] < cfg.min_response_tokens:
+        return f"response length collapsed to {row['response_length']:.2f} tokens"
+    if row["hit_max_frac"] > cfg.max_response_frac:
+        return f"response length exploded: {row['hit_max_frac']:.0%} of rollouts hit max_new_tokens"
+    return "completed"
+
+
+def _plot(ctx: StageContext, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["reward", "kl", "entropy", "clip_frac", "response_length", "gold_helpfulness"]
+    keys = [k for k in keys if k in history[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6))
+    for ax, k in zip(axes, keys):
+        ax.plot([h[k] for h in history])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    fig.suptitle(f"PPO round {ctx.round}")
+    fig.tight_layout()
+    fig.savefig(ctx.out_dir / "ppo_curves.png", dpi=90)
+    plt.close(fig)
+
+

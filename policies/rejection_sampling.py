@@ -1,0 +1,155 @@
+"""Stage `rejection_sampling(r)`: best-of-K by the combined reward, then fine-tune (Llama 2 sec. 3.2.3).
+
+    rlhf stage rejection_sampling --round 1
+
+For each prompt, K samples from the latest policy at each configured temperature (each prompt is
+prefilled once and its KV cache shared by the K samples), scored with the safety-gated combined
+reward; the best per prompt is kept. The training set is this round's best plus the best of all
+earlier rounds (the paper, from RLHF-V3 on), fine-tuned with the SFT machinery (answer-only loss).
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.chat import encode_dialogue
+from pipeline.context import StageContext
+from pipeline.io import read_jsonl, write_json, write_jsonl
+from pipeline.models import load_policy, save_policy
+
+from data_specs.schemas import messages_to_dicts
+
+from .common import demo_oracle, load_data, sample_replies, subsample
+from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+
+
+def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
+    """(P, K) combined rewards -> (P,) index of the kept sample (the argmax)."""
+    return rewards.argmax(dim=1)
+
+
+def reward_vs_k(rewards: torch.Tensor) -> dict[str, list[float]]:
+    """Mean over prompts of the max and the median among the first k samples, k = 1, 2, 4, ..., K
+    (the paper's Figure 7: the max-median gap is the gain rejection sampling can deliver)."""
+    K = rewards.shape[1]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= K} | {K})
+    return {
+        "k": ks,
+        "max": [float(rewards[:, :k].max(dim=1).values.mean()) for k in ks],
+        "median": [float(rewards[:, :k].median(dim=1).values.mean()) for k in ks],
+    }
+
+
+def run(ctx: StageContext) -> dict:
+    from reward_models.scoring import RewardScorer
+
+    cfg = ctx.section
+    prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
+    model, tok = load_policy(ctx.input("policy").path, ctx.device)
+    dialogues = [messages_to_dicts(p.messages) for p in prompts]
+
+    # K samples per prompt at each temperature
+    candidates: list[list[tuple[str, float]]] = [[] for _ in prompts]
+    bar = ctx.progress(len(prompts) * len(cfg.temperatures), f"best-of-{cfg.k} sampling", unit="prompt")
+    for t in cfg.temperatures:
+        replies = sample_replies(model, tok, dialogues, cfg.k, cfg.max_new_tokens, t, ctx.seed + int(t * 1000), progress=bar.update)
+        for i, rs in enumerate(replies):
+            candidates[i] += [(r, t) for r in rs]
+    bar.close()
+
+    scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
+    flat_prompts = [d for d, c in zip(dialogues, candidates) for _ in c]
+    flat_texts = [text for c in candidates for text, _ in c]
+    flat_safety = [p.is_safety for p, c in zip(prompts, candidates) for _ in c]
+    scores = scorer.score(flat_prompts, flat_texts, flat_safety)
+    K = len(candidates[0])
+    rewards = scores.combined.view(len(prompts), K)
+    kept = best_of_k(rewards)
+
+    oracle = demo_oracle(ctx)
+    rows, selected = [], []
+    flat_rows = scores.rows()
+    for i, (p, cands) in enumerate(zip(prompts, candidates)):
+        cand_rows = []
+        for j, (text, t) in enumerate(cands):
+            row = {"text": text, "temperature": t, **flat_rows[i * K + j]}
+            if oracle is not None:
+                row["gold_helpfulness"] = oracle.helpfulness(p, text)
+                row["gold_safe"] = oracle.is_safe(p, text)
+            cand_rows.append(row)
+        best = int(kept[i])
+        rows.append({"prompt_id": p.id, "prompt": dialogues[i], "is_safety": p.is_safety, "category": p.category,
+                     "candidates": cand_rows, "kept": best})
+        selected.append({"prompt_id": p.id, "prompt": dialogues[i], "response": cands[best][0], "reward": cand_rows[best]["reward"],
+                         "round": ctx.round})
+    write_jsonl(ctx.out_dir / "samples.jsonl", rows)
+    write_jsonl(ctx.out_dir / "selected.jsonl", selected)
+
+    # this round's best plus the best of all earlier rounds (deduplicated)
+    train_set = list(selected)
+    for art in ctx.inputs_like("earlier_r"):
+        train_set += read_jsonl(art.file("selected.jsonl"))
+    seen, unique = set(), []
+    for s in train_set:
+        key = (s["prompt_id"], s["response"])
+        if key not in seen and s["response"].strip():
+            seen.add(key)
+            unique.append(s)
+    examples = [encode_dialogue(tok, [*s["prompt"], {"role": "assistant", "content": s["response"]}]) for s in unique]
+    train_rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
+    model = apply_lora(model, cfg.lora, ctx.device)
+    train_metrics = train_causal_lm(model, train_rows, [], cfg, ctx, seed=ctx.seed)
+    model = merge_lora(model).eval()
+    save_policy(model, tok, ctx.out_dir)
+
+    curve = reward_vs_k(rewards)
+    metrics = {
+        "best_reward": float(rewards.max(dim=1).values.mean()),
+        "median_reward": float(rewards.median(dim=1).values.mean()),
+        "mean_reward": float(rewards.mean()),
+        "reward_vs_k": curve,
+        "share_safety": sum(p.is_safety for p in prompts) / len(prompts),
+        "n_prompts": len(prompts),
+        "k": K,
+        "n_train_examples": len(unique),
+        "n_from_earlier_rounds": len(unique) - len(selected),
+        "train_loss": train_metrics["train_loss"],
+        "tokens_per_s": train_metrics["tokens_per_s"],
+        "resumed_from_step": train_metrics["resumed_from_step"],
+    }
+    if len(cfg.temperatures) > 1:
+        temps = torch.tensor([t for c in candidates for _, t in c])
+        metrics["reward_by_temperature"] = {str(t): float(scores.combined[temps == t].mean()) for t in cfg.temperatures}
+    if oracle is not None:
+        gold = torch.tensor([[c["gold_helpfulness"] for c in r["candidates"]] for r in rows])
+        safe = torch.tensor([[float(c["gold_safe"]) for c in r["candidates"]] for r in rows])
+        idx = kept.unsqueeze(1)
+        metrics.update({
+            "gold_helpfulness_selected": float(gold.gather(1, idx).mean()),
+            "gold_helpfulness_all": float(gold.mean()),
+            "gold_helpfulness_oracle_best": float(gold.max(dim=1).values.mean()),
+            "gold_safety_violation_selected": float(1 - safe.gather(1, idx).mean()),
+            "gold_safety_violation_all": float(1 - safe.mean()),
+        })
+    write_json(ctx.out_dir / "reward_vs_k.json", curve)
+    _plot_curve(ctx, curve)
+    return metrics
+
+
+def _plot_curve(ctx: StageContext, curve: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(curve["k"], curve["max"], marker="o", label="max")
+    ax.plot(curve["k"], curve["median"], marker="o", label="median")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("samples per prompt (K)")
+    ax.set_ylabel("combined reward")
+    ax.set_title(f"Rejection sampling, round {ctx.round} (cf. Llama 2 Fig. 7)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ctx.out_dir / "reward_vs_k.png", dpi=100)
+    plt.close(fig)
+

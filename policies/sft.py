@@ -1,0 +1,55 @@
+"""Stage `sft`: supervised fine-tuning of the round-0 checkpoint (Llama 2 sec. 3.1).
+
+    rlhf stage sft [--set sft.learning_rate=2e-5]
+
+Prompt and answer are formatted with the chat template; the loss is on answer tokens only;
+examples are packed to `seq_len` with EOS separators and attention kept inside each example;
+cosine schedule, weight decay; full fine-tuning or LoRA. Resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+from pipeline.chat import encode_dialogue
+from pipeline.context import StageContext
+from pipeline.models import load_policy, save_policy
+
+from data_specs.schemas import messages_to_dicts
+
+from .common import demo_oracle, dialogues, gold_report, load_data, sample_replies, subsample
+from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+
+
+def build_rows(tok, examples, seq_len: int, eval_fraction: float, seed: int):
+    """Encode dialogues (answer-only labels) and pack them; a seeded slice is held out."""
+    import random
+
+    encoded = [encode_dialogue(tok, messages_to_dicts(e.messages), train_on="last") for e in examples]
+    random.Random(seed).shuffle(encoded)
+    n_eval = int(len(encoded) * eval_fraction)
+    return pack_examples(encoded[n_eval:], seq_len, tok.pad_token_id), pack_examples(encoded[:n_eval], seq_len, tok.pad_token_id)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.section
+    model, tok = load_policy(ctx.input("base").path, ctx.device)
+    examples = load_data(ctx, "sft.jsonl", "sft")
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    train_rows, eval_rows = build_rows(tok, examples, cfg.seq_len, cfg.eval_fraction, ctx.seed)
+    model = apply_lora(model, cfg.lora, ctx.device)
+    metrics = train_causal_lm(model, train_rows, eval_rows, cfg, ctx, seed=ctx.seed)
+    model = merge_lora(model).eval()
+    save_policy(model, tok, ctx.out_dir)
+    metrics.update({"n_examples": len(examples), "packed_rows": len(train_rows)})
+    metrics.update(gold_metrics(ctx, model, tok))
+    return metrics
+
+
+def gold_metrics(ctx: StageContext, model, tok, n: int | None = None) -> dict:
+    """Demo only: gold scores of greedy answers on held-out prompts."""
+    oracle = demo_oracle(ctx)
+    if oracle is None:
+        return {}
+    ev = ctx.config.evaluate
+    prompts = subsample(load_data(ctx, "eval_prompts.jsonl", "prompt"), n or ev.n_prompts, ctx.config.seed)
+    replies = [r[0] for r in sample_replies(model, tok, dialogues(prompts), 1, ev.max_new_tokens, 0.0, ctx.seed)]
+    return gold_report(oracle, prompts, replies)

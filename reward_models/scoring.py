@@ -1,0 +1,50 @@
+"""Both reward models loaded once, scoring batches with the paper's combined reward (sec. 3.2.3):
+
+    R_c = R_s  if is_safety(prompt) or R_s < 0.15  else R_h,      R~_c = WHITEN(LOGIT(R_c))
+
+R_s and R_h are probabilities: the sigmoid of each model's scalar output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .combine import combined_reward, gate_reward
+from .model import load_reward_model, score
+
+
+@dataclass
+class Scores:
+    r_helpful: torch.Tensor  # (N,) probability
+    r_safety: torch.Tensor  # (N,) probability
+    gated: torch.Tensor  # (N,) probability after the safety gate
+    combined: torch.Tensor  # (N,) whitened logit of the gated probability
+
+    def rows(self) -> list[dict]:
+        return [{"r_helpful": float(h), "r_safety": float(s), "gated": float(g), "reward": float(c)}
+                for h, s, g, c in zip(self.r_helpful, self.r_safety, self.gated, self.combined)]
+
+
+class RewardScorer:
+    def __init__(self, helpful_path: str | Path, safety_path: str | Path, device: str = "cpu", threshold: float = 0.15,
+                 max_length: int = 4096):
+        self.helpful, self.tok_h = load_reward_model(helpful_path, device)
+        self.safety, self.tok_s = load_reward_model(safety_path, device)
+        self.helpful.eval()
+        self.safety.eval()
+        self.device, self.threshold, self.max_length = device, threshold, max_length
+
+    @classmethod
+    def from_inputs(cls, ctx, threshold: float = 0.15) -> "RewardScorer":
+        max_len = max(ctx.config.reward_model_helpful.max_length, ctx.config.reward_model_safety.max_length)
+        return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len)
+
+    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True) -> Scores:
+        rh = torch.sigmoid(score(self.helpful, self.tok_h, prompts, responses, self.max_length, self.device))
+        rs = torch.sigmoid(score(self.safety, self.tok_s, prompts, responses, self.max_length, self.device))
+        flags = torch.tensor(list(is_safety), dtype=torch.bool)
+        return Scores(rh, rs, gate_reward(rs, rh, flags, self.threshold),
+                      combined_reward(rs, rh, flags, self.threshold, whiten_output=whiten))

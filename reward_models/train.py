@@ -1,0 +1,196 @@
+"""Stages `reward_model_helpful` and `reward_model_safety` (Llama 2 sec. 3.2.2).
+
+    rlhf stage reward_model_helpful --round 1
+    rlhf stage reward_model_safety --round 1
+
+Each starts from the configured checkpoint (the round's starting policy by default), replaces the
+LM head with a scalar head and trains one epoch on all comparisons collected so far, in the
+paper's data mix, with the margin ranking loss -log sigmoid(r_c - r_r - m(strength)).
+Chosen and rejected go through the model in one forward pass. Resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.context import StageContext, StageFailed
+from pipeline.io import write_json
+from pipeline.models import save_policy
+
+from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
+
+from .data import holdout, mix_for
+from .losses import margin_for, ranking_loss
+from .model import encode_pair, forward_rewards, load_reward_model, score
+
+
+def run_helpful(ctx: StageContext) -> dict:
+    return train_reward_model(ctx, "helpful")
+
+
+def run_safety(ctx: StageContext) -> dict:
+    return train_reward_model(ctx, "safety")
+
+
+def _init_path(ctx: StageContext):
+    cfg = ctx.section
+    if cfg.init_from == "previous" and "previous" in ctx.inputs:
+        return ctx.input("previous").path
+    if cfg.init_from == "pretrained":
+        return ctx.input("pretrained").path
+    return ctx.input("policy").path
+
+
+def _load_comparisons(ctx: StageContext) -> list[Comparison]:
+    from data_specs.loaders import load_records
+
+    out = []
+    for art in ctx.inputs_like("preferences_r"):
+        out += load_records(art.file("comparisons.jsonl"), "preference", format="own")
+    return out
+
+
+def train_reward_model(ctx: StageContext, kind: str) -> dict:
+    from policies.trainer import cosine_lambda, load_checkpoint, make_optimizer, save_checkpoint
+
+    cfg = ctx.section
+    device = ctx.device
+    comparisons = _load_comparisons(ctx)
+    train_all, held = holdout(comparisons, cfg.eval_fraction, ctx.config.seed)
+    train = mix_for(kind, train_all, cfg.mix_other_ratio, cfg.helpful_share, ctx.seed)
+    if not train:
+        raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
+    model, tok = load_reward_model(_init_path(ctx), device)
+    model.train()
+
+    def pair_ids(c: Comparison):
+        prompt = messages_to_dicts(c.prompt)
+        return encode_pair(tok, prompt, c.chosen, cfg.max_length), encode_pair(tok, prompt, c.rejected, cfg.max_length)
+
+    encoded = [pair_ids(c) for c in train]
+    margins = torch.tensor([margin_for(c.strength.value if c.strength else None, cfg.margin) for c in train])
+    safe_labels = [(c.chosen_safe, c.rejected_safe) for c in train]
+
+    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = max(cfg.min_warmup_steps if total > cfg.min_warmup_steps * 2 else 0, int(cfg.warmup_ratio * total))
+    opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, warmup, cfg.min_lr_ratio))
+    g = torch.Generator().manual_seed(ctx.seed)
+    order: list[int] = []
+    while len(order) < total * cfg.batch_size:
+        order += torch.randperm(len(train), generator=g).tolist()
+    ckpt = ctx.work_dir / "rm_state.pt"
+    start = resumed = 0
+    if (state := load_checkpoint(ckpt)) is not None:
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
+        start = resumed = state["step"]
+
+    t0, pairs_done = time.time(), 0
+    bar = ctx.progress(total, f"train {kind} RM", unit="step")
+    bar.update(start)
+    for step in range(start, total):
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        opt.zero_grad(set_to_none=True)
+        loss_total, correct = 0.0, 0.0
+        for j in range(0, len(idx), cfg.micro_batch_size):
+            mb = idx[j : j + cfg.micro_batch_size]
+            seqs = [encoded[i][0] for i in mb] + [encoded[i][1] for i in mb]  # chosen and rejected in one forward
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
+                r = forward_rewards(model, seqs, tok.pad_token_id, device)
+            rc, rr = r[: len(mb)], r[len(mb):]
+            loss = ranking_loss(rc, rr, margins[mb].to(device))
+            if cfg.aux_safety_weight > 0:
+                loss = loss + cfg.aux_safety_weight * aux_safety_loss(rc, rr, [safe_labels[i] for i in mb])
+            (loss * len(mb) / len(idx)).backward()
+            loss_total += float(loss) * len(mb)
+            correct += float((rc > rr).float().sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step(); sched.step()
+        pairs_done += len(idx)
+        step_loss = loss_total / len(idx)
+        if not math.isfinite(step_loss):
+            raise StageFailed(f"{ctx.stage}: loss became {step_loss} at step {step}")
+        ctx.log({"loss": step_loss, "accuracy": correct / len(idx), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step + 1)
+    bar.close()
+    elapsed = time.time() - t0
+    model.eval()
+    save_policy(model, tok, ctx.out_dir)
+
+    metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
+               "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss}
+    own_domain = [c for c in held if c.is_safety_prompt == (kind == "safety")]
+    metrics.update(accuracy_report(model, tok, own_domain or held, cfg.max_length, device))
+    from policies.common import load_data
+
+    clean = load_data(ctx, "eval_comparisons.jsonl", "preference")
+    if clean:
+        clean = [c for c in clean if c.is_safety_prompt == (kind == "safety")] or clean
+        rep = accuracy_report(model, tok, clean, cfg.max_length, device)
+        metrics.update({f"eval_set_{k}": v for k, v in rep.items() if not isinstance(v, (dict, tuple))})
+    rewards = metrics.pop("_rewards", None)
+    write_json(ctx.out_dir / "reward_model.json", {"kind": kind, "margin": cfg.margin, "max_length": cfg.max_length,
+                                                   "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}})
+    _plot_histograms(ctx, rewards, kind)
+    return metrics
+
+
+def aux_safety_loss(rc: torch.Tensor, rr: torch.Tensor, labels: list[tuple[bool | None, bool | None]]) -> torch.Tensor:
+    """Binary cross-entropy of sigmoid(r) against each response's safety label (unlabeled skipped)."""
+    r = torch.cat([rc, rr])
+    y = [a for a, _ in labels] + [b for _, b in labels]
+    keep = [i for i, v in enumerate(y) if v is not None]
+    if not keep:
+        return r.sum() * 0.0
+    target = torch.tensor([float(y[i]) for i in keep], device=r.device)
+    return F.binary_cross_entropy_with_logits(r[keep], target)
+
+
+def accuracy_report(model, tok, comparisons: list[Comparison], max_length: int, device: str) -> dict:
+    """Held-out accuracy overall and per preference strength (Llama 2 Table 8 shape), mean margin."""
+    if not comparisons:
+        return {}
+    prompts = [messages_to_dicts(c.prompt) for c in comparisons]
+    rc = score(model, tok, prompts, [c.chosen for c in comparisons], max_length, device)
+    rr = score(model, tok, prompts, [c.rejected for c in comparisons], max_length, device)
+    right = (rc > rr).float() + 0.5 * (rc == rr).float()
+    out = {"accuracy": float(right.mean()), "mean_margin": float((rc - rr).mean()), "n_eval": len(comparisons)}
+    by = {}
+    for s in STRENGTHS:
+        sel = [i for i, c in enumerate(comparisons) if (c.strength or STRENGTHS[-1]) == s]
+        if sel:
+            out[f"accuracy_{s.value}"] = float(right[sel].mean())
+            by[s.value] = {"accuracy": float(right[sel].mean()), "n": len(sel)}
+    out["accuracy_by_strength"] = by
+    edges = torch.linspace(float(torch.minimum(rc.min(), rr.min())), float(torch.maximum(rc.max(), rr.max())) + 1e-6, 21)
+    out["reward_histogram"] = {"edges": edges.tolist(), "chosen": torch.histogram(rc, edges).hist.tolist(),
+                               "rejected": torch.histogram(rr, edges).hist.tolist()}
+    out["_rewards"] = (rc.tolist(), rr.tolist())
+    return out
+
+
+def _plot_histograms(ctx: StageContext, rewards, kind: str) -> None:
+    if not rewards:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rc, rr = rewards
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(rc, bins=30, alpha=0.6, label="chosen")
+    ax.hist(rr, bins=30, alpha=0.6, label="rejected")
+    ax.set_title(f"{kind} RM, round {ctx.round}: held-out rewards")
+    ax.set_xlabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(ctx.out_dir / "reward_histogram.png", dpi=100)
+    plt.close(fig)
