@@ -1,0 +1,171 @@
+"""Stage `ghost_attention(r)`: Ghost Attention multi-turn data synthesis (Llama 2 sec. 3.3).
+
+    rlhf stage ghost_attention --round 3
+
+1. Synthetic instructions (hobby, language, public figure, style), randomly combined.
+2. Multi-turn dialogues: the instruction is attached to EVERY user message and the assistant turns
+   are sampled from the latest RLHF policy (so they obey it).
+3. Training data: the instruction is kept only in the first turn, as the system message (half the
+   time in its short form, "Figure: Napoleon."); the loss is zero on every earlier turn, assistant
+   messages included, so only the last assistant turn is trained on.
+4. Adherence per turn, before and after, on held-out instructions.
+"""
+from __future__ import annotations
+
+import importlib
+import random
+from typing import Callable, Sequence
+
+from pipeline.chat import encode_dialogue
+from pipeline.context import StageContext, StageFailed
+from pipeline.io import write_json, write_jsonl
+from pipeline.models import load_policy, save_policy
+
+from data_specs.schemas import GattInstruction
+
+from .common import demo_oracle, load_data, sample_replies
+from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+
+Checker = Callable[[Sequence[GattInstruction], str], bool]
+
+
+def combine_instructions(pool: Sequence[GattInstruction], max_n: int, rng: random.Random) -> list[GattInstruction]:
+    """1..max_n instructions from different categories, randomly combined (sec. 3.3)."""
+    by_cat: dict[str, list[GattInstruction]] = {}
+    for ins in pool:
+        by_cat.setdefault(ins.category, []).append(ins)
+    cats = rng.sample(sorted(by_cat), k=min(len(by_cat), rng.randint(1, max_n)))
+    return [rng.choice(by_cat[c]) for c in cats]
+
+
+def system_message(instructions: Sequence[GattInstruction], short: bool) -> str:
+    return " ".join((i.short or i.text) if short else i.text for i in instructions)
+
+
+def with_instruction(user: str, instructions: Sequence[GattInstruction]) -> str:
+    """The synthesis-time user message: the instruction attached to it."""
+    return f"{' '.join(i.text for i in instructions)} {user}"
+
+
+def training_dialogue(system: str, users: Sequence[str], replies: Sequence[str]) -> list[dict]:
+    """Instruction only in the first turn (system message); plain user turns after it."""
+    msgs = [{"role": "system", "content": system}]
+    for u, a in zip(users, replies):
+        msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    return msgs
+
+
+def get_checker(ctx: StageContext) -> Checker | None:
+    spec = ctx.config.ghost_attention.checker
+    if spec:
+        module, _, fn = spec.partition(":")
+        return getattr(importlib.import_module(module), fn)
+    oracle = demo_oracle(ctx)
+    if oracle is None:
+        return None
+    return lambda instructions, reply: all(oracle.obeys(i, reply) for i in instructions)
+
+
+def user_pool(ctx: StageContext) -> list[str]:
+    """Single-turn helpful user messages to build dialogues from."""
+    users = [p.messages[0].content for p in load_data(ctx, "prompts.jsonl", "prompt") if not p.is_safety and len(p.messages) == 1]
+    if not users:
+        raise StageFailed("ghost_attention needs single-turn, non-safety prompts in prompts.jsonl")
+    return users
+
+
+def adherence_by_turn(model, tok, instructions_pool, users: Sequence[str], turns: int, n_dialogues: int, checker: Checker, seed: int,
+                      max_new_tokens: int) -> list[float]:
+    """Share of replies obeying the system instruction at each turn 1..turns (greedy replies;
+    the instruction is only in the system message, as at deployment)."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(n_dialogues):
+        ins = combine_instructions(instructions_pool, 1, rng)
+        convs.append((ins, [{"role": "system", "content": system_message(ins, short=False)}]))
+    picked = [rng.choice(users) for _ in range(n_dialogues * turns)]
+    obeyed = [0] * turns
+    for t in range(turns):
+        for k, (_, msgs) in enumerate(convs):
+            msgs.append({"role": "user", "content": picked[k * turns + t]})
+        replies = sample_replies(model, tok, [m for _, m in convs], 1, max_new_tokens, 0.0, seed + t)
+        for (ins, msgs), r in zip(convs, replies):
+            msgs.append({"role": "assistant", "content": r[0] or "..."})
+            obeyed[t] += checker(ins, r[0])
+    return [o / max(1, n_dialogues) for o in obeyed]
+
+
+def late(adherence: Sequence[float], from_turn: int = 5) -> float:
+    """Mean adherence at turns >= from_turn (or the later half when the dialogue is shorter)."""
+    tail = adherence[from_turn - 1 :] if len(adherence) >= from_turn else adherence[len(adherence) // 2 :]
+    return sum(tail) / max(1, len(tail))
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.section
+    rng = random.Random(ctx.seed)
+    pool = [i for i in load_data(ctx, "gatt_train.jsonl", "gatt") if i.category in cfg.categories]
+    eval_pool = [i for i in load_data(ctx, "gatt_eval.jsonl", "gatt") if i.category in cfg.categories] or pool
+    if not pool:
+        raise StageFailed(f"no GAtt instructions in categories {cfg.categories}")
+    checker = get_checker(ctx)
+    model, tok = load_policy(ctx.input("policy").path, ctx.device)
+
+    users = user_pool(ctx)
+    before = adherence_by_turn(model, tok, eval_pool, users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
+                               cfg.max_new_tokens) if checker else []
+
+    # synthesis: instruction attached to every user message, replies sampled turn by turn, batched
+    dialogs = []
+    for _ in range(cfg.n_dialogues):
+        ins = combine_instructions(pool, cfg.max_instructions, rng)
+        n_turns = rng.randint(2, cfg.turns)
+        dialogs.append({"instructions": ins, "users": [rng.choice(users) for _ in range(n_turns)], "replies": [],
+                        "short": rng.random() < cfg.shorten_prob})
+    bar = ctx.progress(cfg.turns, "synthesize turns", unit="turn")
+    for t in range(cfg.turns):
+        active = [d for d in dialogs if len(d["users"]) > t]
+        convs = []
+        for d in active:
+            msgs = []
+            for u, a in zip(d["users"][:t], d["replies"]):
+                msgs += [{"role": "user", "content": with_instruction(u, d["instructions"])}, {"role": "assistant", "content": a}]
+            msgs.append({"role": "user", "content": with_instruction(d["users"][t], d["instructions"])})
+            convs.append(msgs)
+        replies = sample_replies(model, tok, convs, 1, cfg.max_new_tokens, cfg.temperature, ctx.seed + 100 + t)
+        for d, r in zip(active, replies):
+            d["replies"].append(r[0] or "...")
+        bar.update(1)
+    bar.close()
+
+    records, kept = [], []
+    for d in dialogs:
+        obeys = checker(d["instructions"], d["replies"][-1]) if checker else None
+        msgs = training_dialogue(system_message(d["instructions"], d["short"]), d["users"], d["replies"])
+        records.append({"messages": msgs, "instructions": [i.model_dump() for i in d["instructions"]], "last_reply_obeys": obeys})
+        if obeys is not False or not cfg.filter_samples:
+            kept.append(msgs)
+    write_jsonl(ctx.out_dir / "gatt_dialogues.jsonl", records)
+    if not kept:
+        raise StageFailed("no synthesized dialogue obeyed its instruction; GAtt has nothing to train on")
+    examples = [encode_dialogue(tok, m, train_on="last") for m in kept]  # loss only on the last assistant turn
+    rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
+    model = apply_lora(model, cfg.lora, ctx.device)
+    train = train_causal_lm(model, rows, [], cfg, ctx, seed=ctx.seed)
+    model = merge_lora(model).eval()
+    save_policy(model, tok, ctx.out_dir)
+
+    after = adherence_by_turn(model, tok, eval_pool, users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
+                              cfg.max_new_tokens) if checker else []
+    metrics = {
+        "n_dialogues": len(dialogs),
+        "n_trained": len(kept),
+        "share_obeying_samples": sum(r["last_reply_obeys"] is True for r in records) / len(records),
+        "train_loss": train["train_loss"],
+        "resumed_from_step": train["resumed_from_step"],
+    }
+    if checker:
+        metrics.update({"adherence_by_turn_before": before, "adherence_by_turn_after": after,
+                        "adherence_late_before": late(before), "adherence_late_after": late(after)})
+    write_json(ctx.out_dir / "adherence.json", {k: v for k, v in metrics.items() if k.startswith("adherence")})
+    return metrics
