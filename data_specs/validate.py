@@ -1,0 +1,67 @@
+"""`rlhf data validate PATH --kind sft|preference|prompt|gatt [--format ...]`.
+
+Loads the source non-strictly with the same loaders the `data` stage uses, prints the number of valid
+records and their summary, and lists the bad records (file:line: field: reason). Exit code 1 when any
+record is bad (or the source cannot be read), 2 for a bad argument, else 0.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+ISSUE_LIMIT = 20
+
+
+def format_issues(issues: Sequence, limit: int = ISSUE_LIMIT) -> str:
+    """At most `limit` issues as "file:line: field: reason", one a line, then "... and N more"."""
+    issues = list(issues)
+    lines = [f"{i.file}:{i.line}: {i.field}: {i.reason}" for i in issues[:limit]]
+    if len(issues) > limit:
+        lines.append(f"... and {len(issues) - limit} more")
+    return "\n".join(lines)
+
+
+def _tables(summary: dict):
+    from rich.table import Table
+
+    scalars = Table(title="summary", show_header=True)
+    scalars.add_column("metric")
+    scalars.add_column("value", justify="right")
+    hists = []
+    for key, value in summary.items():
+        if key.endswith("_hist"):
+            t = Table(title=key.removesuffix("_hist").replace("_", " "), show_header=True)
+            t.add_column("value")
+            t.add_column("count", justify="right")
+            for k, v in value.items():
+                t.add_row(str(k), str(v))
+            hists.append(t)
+        elif isinstance(value, dict):
+            scalars.add_row(key.replace("_", " "), "  ".join(f"{k} {v}" for k, v in value.items()))
+        else:
+            scalars.add_row(key.replace("_", " "), str(value))
+    return [scalars, *hists]
+
+
+def main(path: str, kind: str, format: str = "auto") -> int:
+    from rich.console import Console
+
+    from .loaders import load_records, summarize
+
+    console = Console()
+    try:
+        records, issues = load_records(path, kind, format=format, strict=False)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    console.print(f"{len(records)} valid {kind} record(s) in {path}", markup=False, highlight=False)
+    if records:
+        for table in _tables(summarize(records, kind)):
+            console.print(table)
+    if not issues:
+        if not records:
+            console.print("warning: no records found", markup=False, highlight=False)
+        return 0
+    n_bad = len({(i.file, i.line) for i in issues})
+    console.print(f"[red]{n_bad} bad record(s), {len(issues)} issue(s):[/red]")
+    console.print(format_issues(issues), markup=False, highlight=False, soft_wrap=True)
+    return 1
