@@ -163,7 +163,7 @@ def status(
         dur = f"{r['duration_s']:.1f}s" if r.get("duration_s") is not None else ""
         color = {"complete": "green", "running": "yellow", "failed": "red"}.get(r["status"], "white")
         table.add_row(str(r["round"]), r["stage"], f"[{color}]{r['status']}[/{color}]", r["version"] or "", dur, shown)
-    Console().print(table)
+    Console(width=max(150, Console().width)).print(table)
 
 
 def _fmt(v) -> str:
@@ -210,6 +210,44 @@ def data_validate(
     from data_specs.validate import main
 
     raise typer.Exit(main(path, kind, format))
+
+
+# ---------------------------------------------------------------- orchestration and tracking (flows/, W&B)
+
+
+@app.command()
+def serve(
+    config: str = ConfigOpt,
+    run_dir: Optional[str] = RunDirOpt,
+) -> None:
+    """Serve the Prefect deployments rlhf/iteration, rlhf/bootstrap, rlhf/full and rlhf/stage (needs PREFECT_API_URL)."""
+    from flows.rlhf import serve_deployments
+
+    serve_deployments(config, run_dir)
+
+
+@app.command()
+def server(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(4200, "--port", help="Port of the API and UI."),
+    home: Optional[str] = typer.Option(None, "--home", help="PREFECT_HOME with the SQLite database (default: ./.prefect)."),
+) -> None:
+    """Start a local Prefect server (SQLite under --home, analytics off) and print the PREFECT_API_URL to use."""
+    from flows.server import start_server
+
+    raise typer.Exit(start_server(host, port, home))
+
+
+@app.command()
+def sync(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory whose offline W&B runs are uploaded."),
+) -> None:
+    """Upload offline W&B runs (`wandb sync`) and restore input lineage (`use_artifact`); needs a W&B API key."""
+    from .wandb_tracker import sync as wandb_sync
+
+    code = wandb_sync(run_dir, echo=typer.echo)
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -183,6 +183,7 @@ class Runner:
                            log_fn=tracker.log if tracker else None, show_progress=self.show_progress)
         try:
             fn = _entry(spec)
+            _quiet_libraries()
             _seed_everything(ctx.seed, self.cfg.threads)
             metrics = fn(ctx) or {}
             if (work / "metrics.jsonl").exists():
@@ -236,6 +237,19 @@ def _entry(spec: StageSpec) -> Callable[[StageContext], dict]:
             raise StageFailed(f"stage {spec.name} is not implemented in this version (module {module} is missing)") from e
         raise
     return getattr(mod, func)
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars and logs say what is happening; silence the libraries' chatter."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _seed_everything(seed: int, threads: int | None) -> None:

@@ -146,8 +146,9 @@ def run(ctx: StageContext) -> dict:
         if obeys is not False or not cfg.filter_samples:
             kept.append(msgs)
     write_jsonl(ctx.out_dir / "gatt_dialogues.jsonl", records)
-    if not kept:
-        raise StageFailed("no synthesized dialogue obeyed its instruction; GAtt has nothing to train on")
+    filter_fallback = not kept
+    if filter_fallback:  # a model too weak to obey even with the instruction in every turn: train on all, and say so
+        kept = [r["messages"] for r in records]
     examples = [encode_dialogue(tok, m, train_on="last") for m in kept]  # loss only on the last assistant turn
     rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
     model = apply_lora(model, cfg.lora, ctx.device)
@@ -160,6 +161,7 @@ def run(ctx: StageContext) -> dict:
     metrics = {
         "n_dialogues": len(dialogs),
         "n_trained": len(kept),
+        "filter_fallback": filter_fallback,
         "share_obeying_samples": sum(r["last_reply_obeys"] is True for r in records) / len(records),
         "train_loss": train["train_loss"],
         "resumed_from_step": train["resumed_from_step"],

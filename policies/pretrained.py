@@ -56,8 +56,9 @@ def pretrain_demo_model(ctx: StageContext, dm: DemoModelConfig):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    text_path = ctx.input("data").file("pretrain.txt")
-    docs = [line for line in text_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from pipeline.io import read_jsonl
+
+    docs = [row["text"] for row in read_jsonl(ctx.input("data").file("pretrain.jsonl"))]
     tok = build_demo_tokenizer(docs, dm.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=dm.hidden_size, intermediate_size=dm.intermediate_size, num_hidden_layers=dm.num_layers,

@@ -203,7 +203,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=tc.bf16):
                 loss_sum, _ = token_loss_sum(model, batch)
             (loss_sum / max(1, n_label)).backward()
-            loss_total += float(loss_sum)
+            loss_total += float(loss_sum.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
         opt.step()
         sched.step()

@@ -106,7 +106,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
             if cfg.aux_safety_weight > 0:
                 loss = loss + cfg.aux_safety_weight * aux_safety_loss(rc, rr, [safe_labels[i] for i in mb])
             (loss * len(mb) / len(idx)).backward()
-            loss_total += float(loss) * len(mb)
+            loss_total += float(loss.detach()) * len(mb)
             correct += float((rc > rr).float().sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step(); sched.step()
@@ -126,13 +126,16 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
                "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss}
-    own_domain = [c for c in held if c.is_safety_prompt == (kind == "safety")]
-    metrics.update(accuracy_report(model, tok, own_domain or held, cfg.max_length, device))
     from policies.common import load_data
 
-    clean = load_data(ctx, "eval_comparisons.jsonl", "preference")
+    def own(comps):
+        return [c for c in comps if c.is_safety_prompt == (kind == "safety")] or list(comps)
+
+    clean = own(load_data(ctx, "eval_comparisons.jsonl", "preference"))
+    # accuracy on this run's held-out comparisons; on the clean eval set when too few were held out
+    metrics.update(accuracy_report(model, tok, own(held) if len(held) >= 10 else clean, cfg.max_length, device))
+    metrics["accuracy_source"] = "held_out_comparisons" if len(held) >= 10 else "eval_comparisons"
     if clean:
-        clean = [c for c in clean if c.is_safety_prompt == (kind == "safety")] or clean
         rep = accuracy_report(model, tok, clean, cfg.max_length, device)
         metrics.update({f"eval_set_{k}": v for k, v in rep.items() if not isinstance(v, (dict, tuple))})
     rewards = metrics.pop("_rewards", None)

@@ -1,0 +1,227 @@
+"""The RLHF pipeline as one Prefect flow, `rlhf`, with four deployments.
+
+    rlhf server &                                   # local Prefect server (or `prefect server start`)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    rlhf serve --config demo --run-dir runs/demo &  # serves rlhf/iteration, bootstrap, full, stage
+    prefect deployment run rlhf/iteration --param round=3
+    prefect deployment run rlhf/stage --param stage=reward_model_safety --param round=2 --param force=true
+
+Each pipeline stage is a Prefect task named after the stage; the task only calls
+`Runner.run_stage` (the logic lives in the stages) and returns a small reference to the registry
+artifact, never a model. Stages of a round that do not depend on each other (the two reward models)
+run in parallel. Transient errors are retried; a stage that stopped on purpose (StageFailed),
+missing inputs and config errors are not. Each round ends with a summary table artifact
+`rlhf-round-<r>`. `rlhf run` does not need Prefect at all.
+
+Testing seam: `RLHF_STAGE_SPECS=module:ATTR` (in the environment of the process that runs the
+flow) replaces the stage registry with a dict of `StageSpec`s, so the orchestration can be tested
+with tiny stage functions (tests/fake_stages.py). Do not set it in production.
+"""
+from __future__ import annotations
+
+import builtins
+import importlib
+import os
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+# Keep Prefect from reaching out; set before prefect is imported.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from pipeline.config import ConfigError, RunConfig, load_config, round_stages  # noqa: E402
+from pipeline.context import StageFailed  # noqa: E402
+from pipeline.registry import Registry  # noqa: E402
+from pipeline.runner import MissingInputError  # noqa: E402
+from pipeline.stages import STAGES, StageSpec, round_plan  # noqa: E402
+
+SPECS_ENV = "RLHF_STAGE_SPECS"
+DEPLOYMENTS = ("iteration", "bootstrap", "full", "stage")
+# Errors no retry can fix: a guard tripped, an input is missing, the config is wrong.
+PERMANENT = (StageFailed, MissingInputError, ConfigError, ValueError, KeyError)
+
+Mode = Literal["iteration", "bootstrap", "full", "stage"]
+StageName = Literal["data", "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety",
+                    "rejection_sampling", "ppo", "ghost_attention", "evaluate"]
+
+
+def load_specs() -> dict[str, StageSpec] | None:
+    """The stage registry override from RLHF_STAGE_SPECS ("module:ATTR"), or None for the real stages."""
+    ref = os.environ.get(SPECS_ENV)
+    if not ref:
+        return None
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr or "SPECS")
+
+
+def plan(cfg: RunConfig, round: int, specs: dict[str, StageSpec] | None = None) -> list[str]:
+    """The stages of a round (round 0: data, pretrained, sft), limited to the specs that exist."""
+    specs = specs or STAGES
+    return [s for s in round_plan(cfg, round) if s in specs]
+
+
+def levels(cfg: RunConfig, round: int, stages: list[str], specs: dict[str, StageSpec] | None = None) -> list[list[str]]:
+    """Group a round's stages into waves: a stage waits only for the stages of this round it reads.
+
+    With the Llama 2 DAG: [collect_preferences], [reward_model_helpful, reward_model_safety],
+    [rejection_sampling], [ppo], [ghost_attention], [evaluate].
+    """
+    specs = specs or STAGES
+    done: set[str] = set()
+    waves: list[list[str]] = []
+    todo = list(stages)
+    while todo:
+        wave = [s for s in todo
+                if all(dep in done or dep not in todo for dep, r in specs[s].inputs(cfg, round).values() if r == round)]
+        if not wave:  # a cycle cannot happen with round-indexed inputs; keep declared order if it does
+            wave = todo[:1]
+        waves.append(wave)
+        done.update(wave)
+        todo = [s for s in todo if s not in wave]
+    return waves
+
+
+def next_round(cfg: RunConfig) -> int:
+    """1 + the highest round with a complete `evaluate`, or 1."""
+    rounds = [a.round for a in Registry(cfg.run_dir).iter_artifacts("evaluate")]
+    return max(rounds, default=0) + 1
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """retry_condition_fn: retry unless the failure is one no retry can fix."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            state.result()
+        except BaseException as e:  # noqa: BLE001
+            exc = e
+    return not isinstance(exc, PERMANENT)
+
+
+def _headline(spec: StageSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = spec.headline or [k for k, v in metrics.items() if isinstance(v, (int, float, str, bool))][:3]
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+@task(name="stage", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient, log_prints=True)
+def run_stage(stage: str, round: int, config: str, run_dir: str | None, overrides: list[str], force: bool) -> dict[str, Any]:
+    """One pipeline stage: `Runner.run_stage`, returning a reference to the registry artifact."""
+    from pipeline.runner import Runner
+    from pipeline.tracking import tracker_factory
+
+    cfg = load_config(config, overrides, run_dir=run_dir)
+    specs = load_specs()
+    logger = get_run_logger()
+    runner = Runner(cfg, specs=specs, tracker_factory=tracker_factory(cfg), echo=logger.info, show_progress=False)
+    res = runner.run_stage(stage, round, force=force)
+    art = res.artifact
+    return {"stage": stage, "round": round, "version": art.version, "path": str(art.path), "cached": res.cached,
+            "seconds": builtins.round(res.seconds, 3), "build_s": art.manifest.get("duration_s"),
+            "metrics": _headline(runner.spec(stage), art.metrics)}
+
+
+def _run_round(cfg: RunConfig, round: int, stages: list[str], args: dict[str, Any], retries: int,
+               specs: dict[str, StageSpec] | None) -> list[dict[str, Any]]:
+    refs: list[dict[str, Any]] = []
+    for wave in levels(cfg, round, stages, specs):
+        futures = [run_stage.with_options(name=s, task_run_name=f"{s}-r{round}", retries=retries, retry_delay_seconds=10)
+                   .submit(s, round, **args) for s in wave]
+        refs += [f.result() for f in futures]  # raises the first failure: later waves never start
+    _summary_table(cfg, round, refs)
+    return refs
+
+
+def _summary_table(cfg: RunConfig, round: int, refs: list[dict[str, Any]]) -> None:
+    rows = [{"stage": r["stage"], "version": r["version"], "cached": r["cached"], "seconds": r["seconds"],
+             "build_s": r["build_s"], "metrics": ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                          for k, v in r["metrics"].items())} for r in refs]
+    create_table_artifact(rows, key=f"rlhf-round-{round}",
+                          description=f"RLHF run `{cfg.name}` round {round} ({cfg.run_dir}): "
+                                      f"{sum(not r['cached'] for r in refs)} built, {sum(r['cached'] for r in refs)} cached")
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    what = p.get("stage") if p.get("mode") == "stage" else p.get("mode", "iteration")
+    return f"{what}-r{p['round']}" if p.get("round") is not None else str(what)
+
+
+@flow(name="rlhf", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False, flow_run_name=_flow_run_name,
+      validate_parameters=True, log_prints=True)
+def rlhf(
+    mode: Annotated[Mode, Field(description="iteration: one RLHF round; bootstrap: data, pretrained, sft; "
+                                            "full: bootstrap and all rounds; stage: one stage.")] = "iteration",
+    round: Annotated[int | None, Field(ge=0, description="RLHF round (default: the next round without a complete evaluate; "
+                                                         "0 for round-0 stages).")] = None,
+    stage: Annotated[StageName | None, Field(description="Stage to run (mode 'stage').")] = None,
+    config: Annotated[str, Field(description="Preset name or path to a YAML config (as seen by the serving process).")] = "demo",
+    run_dir: Annotated[str | None, Field(description="Run directory (default: the config's run_dir).")] = None,
+    overrides: Annotated[list[str], Field(description="Dotted config overrides, e.g. ['sft.learning_rate=1e-5'].")] = [],  # noqa: B006
+    force: Annotated[bool, Field(description="Recompute even when a complete artifact with the same version exists.")] = False,
+    retries: Annotated[int, Field(ge=0, le=10, description="Retries per stage for transient failures.")] = 1,
+) -> list[dict[str, Any]]:
+    """Run the RLHF pipeline (or a part of it) through the stage runner; returns artifact references."""
+    logger = get_run_logger()
+    cfg = load_config(config, overrides, run_dir=run_dir)  # a bad config fails here, before any stage
+    specs = load_specs()
+    args = {"config": config, "run_dir": cfg.run_dir, "overrides": list(overrides), "force": force}
+    t0 = time.time()
+    if mode == "stage":
+        if stage is None:
+            raise ConfigError("mode 'stage' needs the parameter stage (e.g. --param stage=reward_model_safety)")
+        spec = (specs or STAGES)[stage]
+        r = round if round is not None else (0 if spec.rounds == "zero" else next_round(cfg))
+        refs = _run_round(cfg, r, [stage], args, retries, specs)
+    elif mode == "bootstrap":
+        refs = _run_round(cfg, 0, plan(cfg, 0, specs), args, retries, specs)
+    elif mode == "full":
+        refs = []
+        for r in range(0, cfg.rounds + 1):
+            refs += _run_round(cfg, r, plan(cfg, r, specs), args, retries, specs)
+    else:
+        r = round if round is not None else next_round(cfg)
+        if r < 1:
+            raise ConfigError("an iteration is an RLHF round >= 1; use the bootstrap deployment for round 0")
+        refs = _run_round(cfg, r, plan(cfg, r, specs), args, retries, specs)
+    built = sum(not x["cached"] for x in refs)
+    logger.info(f"{mode}: {len(refs)} stages ({built} built, {len(refs) - built} cached) in {time.time() - t0:.1f}s")
+    return refs
+
+
+def deployments(config: str = "demo", run_dir: str | None = None) -> list[Any]:
+    """The four deployments of `rlhf`; each fixes `mode` through its default parameters."""
+    base = {"config": config, "run_dir": run_dir}
+    docs = {
+        "iteration": "One RLHF round: preferences, both reward models in parallel, rejection sampling, PPO / GAtt where scheduled, evaluate.",
+        "bootstrap": "Round 0: data, pretrained checkpoint, SFT.",
+        "full": "Bootstrap and every RLHF round of the config (complete stages are cache hits).",
+        "stage": "One stage (--param stage=NAME --param round=R); its inputs come from the registry.",
+    }
+    return [rlhf.to_deployment(name=name, parameters={**base, "mode": name}, description=docs[name], tags=["rlhf"])
+            for name in DEPLOYMENTS]
+
+
+def serve_deployments(config: str = "demo", run_dir: str | None = None, limit: int | None = None) -> None:
+    """Register and serve all four deployments against PREFECT_API_URL (blocks until interrupted)."""
+    from prefect import serve
+
+    load_config(config, [], run_dir=run_dir)  # fail fast on a bad config, before registering anything
+    serve(*deployments(config, run_dir), limit=limit)
+
+
+if __name__ == "__main__":  # python -m flows.rlhf serve [CONFIG [RUN_DIR]]
+    import sys
+
+    if sys.argv[1:2] == ["serve"]:
+        serve_deployments(*(sys.argv[2:4]))
+    else:
+        sys.exit("usage: python -m flows.rlhf serve [CONFIG [RUN_DIR]]")
