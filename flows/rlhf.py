@@ -36,7 +36,7 @@ from prefect.artifacts import create_table_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from pipeline.config import ConfigError, RunConfig, load_config, round_stages  # noqa: E402
+from pipeline.config import ConfigError, RunConfig, load_config  # noqa: E402
 from pipeline.context import StageFailed  # noqa: E402
 from pipeline.registry import Registry  # noqa: E402
 from pipeline.runner import MissingInputError  # noqa: E402
@@ -94,6 +94,18 @@ def next_round(cfg: RunConfig) -> int:
     return max(rounds, default=0) + 1
 
 
+class _SharedRegistry(Registry):
+    """The registry as seen by parallel stage tasks in one process.
+
+    `Registry.clean_stale_builds` (called by `Runner.run_stage`) treats in-progress builds of its
+    own process as stale, which deletes a sibling task's build when two stages run in threads. The
+    flow cleans once before any stage starts instead; builds of other live processes are kept.
+    """
+
+    def clean_stale_builds(self) -> None:
+        pass
+
+
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """retry_condition_fn: retry unless the failure is one no retry can fix."""
     exc = state.data if isinstance(state.data, BaseException) else None
@@ -120,6 +132,7 @@ def run_stage(stage: str, round: int, config: str, run_dir: str | None, override
     specs = load_specs()
     logger = get_run_logger()
     runner = Runner(cfg, specs=specs, tracker_factory=tracker_factory(cfg), echo=logger.info, show_progress=False)
+    runner.registry = _SharedRegistry(cfg.run_dir)
     res = runner.run_stage(stage, round, force=force)
     art = res.artifact
     return {"stage": stage, "round": round, "version": art.version, "path": str(art.path), "cached": res.cached,
@@ -158,22 +171,33 @@ def _flow_run_name() -> str:
 @flow(name="rlhf", task_runner=ThreadPoolTaskRunner(max_workers=2), persist_result=False, flow_run_name=_flow_run_name,
       validate_parameters=True, log_prints=True)
 def rlhf(
-    mode: Annotated[Mode, Field(description="iteration: one RLHF round; bootstrap: data, pretrained, sft; "
-                                            "full: bootstrap and all rounds; stage: one stage.")] = "iteration",
-    round: Annotated[int | None, Field(ge=0, description="RLHF round (default: the next round without a complete evaluate; "
-                                                         "0 for round-0 stages).")] = None,
-    stage: Annotated[StageName | None, Field(description="Stage to run (mode 'stage').")] = None,
-    config: Annotated[str, Field(description="Preset name or path to a YAML config (as seen by the serving process).")] = "demo",
-    run_dir: Annotated[str | None, Field(description="Run directory (default: the config's run_dir).")] = None,
-    overrides: Annotated[list[str], Field(description="Dotted config overrides, e.g. ['sft.learning_rate=1e-5'].")] = [],  # noqa: B006
-    force: Annotated[bool, Field(description="Recompute even when a complete artifact with the same version exists.")] = False,
-    retries: Annotated[int, Field(ge=0, le=10, description="Retries per stage for transient failures.")] = 1,
+    mode: Mode = "iteration",
+    round: Annotated[int | None, Field(ge=0)] = None,
+    stage: StageName | None = None,
+    config: str = "demo",
+    run_dir: str | None = None,
+    overrides: list[str] = [],  # noqa: B006 - Prefect copies parameters; never mutated
+    force: bool = False,
+    retries: Annotated[int, Field(ge=0, le=10)] = 1,
 ) -> list[dict[str, Any]]:
-    """Run the RLHF pipeline (or a part of it) through the stage runner; returns artifact references."""
+    """Run the RLHF pipeline (or a part of it) through the stage runner; returns artifact references.
+
+    Args:
+        mode: iteration: one RLHF round; bootstrap: data, pretrained, sft; full: bootstrap and every
+            round of the config; stage: one stage.
+        round: RLHF round. Default: the next round without a complete evaluate (0 for round-0 stages).
+        stage: The stage to run in mode 'stage'.
+        config: Preset name or path to a YAML config, as seen by the process that runs the flow.
+        run_dir: Run directory (default: the config's run_dir).
+        overrides: Dotted config overrides, e.g. ["sft.learning_rate=1e-5"].
+        force: Recompute even when a complete artifact with the same version exists.
+        retries: Retries per stage for transient failures (never for bad input or config).
+    """
     logger = get_run_logger()
     cfg = load_config(config, overrides, run_dir=run_dir)  # a bad config fails here, before any stage
     specs = load_specs()
     args = {"config": config, "run_dir": cfg.run_dir, "overrides": list(overrides), "force": force}
+    Registry(cfg.run_dir).clean_stale_builds()  # once, before stages build in parallel threads
     t0 = time.time()
     if mode == "stage":
         if stage is None:

@@ -231,11 +231,12 @@ def server(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
     port: int = typer.Option(4200, "--port", help="Port of the API and UI."),
     home: Optional[str] = typer.Option(None, "--home", help="PREFECT_HOME with the SQLite database (default: ./.prefect)."),
+    ui: bool = typer.Option(True, "--ui/--no-ui", help="Serve the web UI too."),
 ) -> None:
     """Start a local Prefect server (SQLite under --home, analytics off) and print the PREFECT_API_URL to use."""
     from flows.server import start_server
 
-    raise typer.Exit(start_server(host, port, home))
+    raise typer.Exit(start_server(host, port, home, ui=ui))
 
 
 @app.command()

@@ -169,7 +169,7 @@ class Registry:
             for d in self.artifacts_dir.glob("*/.tmp-*"):
                 parts = d.name.split("-")  # .tmp, r<round>, <version>, <pid>, <ns>
                 pid = parts[3] if len(parts) >= 5 else ""
-                if not (pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid()):
+                if not (pid.isdigit() and _alive(int(pid))):  # a live process (this one too) may still be building it
                     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -201,23 +201,27 @@ def offline_runs(run_dir: str | Path) -> list[Path]:
     return sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if p.is_dir())
 
 
+def _synced(offline_run: Path) -> bool:
+    return any(offline_run.glob("*.wandb.synced"))  # the marker `wandb sync` leaves
+
+
 def sync(run_dir: str | Path, echo=print) -> int:
     """Upload the run's offline W&B runs, then record their inputs with `use_artifact` online."""
-    runs = offline_runs(run_dir)
-    if not runs:
-        echo(f"no offline W&B runs under {Path(run_dir) / 'wandb'}")
+    pending = [r for r in offline_runs(run_dir) if not _synced(r)]
+    if not pending:
+        echo(f"nothing to sync: no unsynced offline W&B runs under {Path(run_dir) / 'wandb'}")
         return 0
-    env = {**os.environ, **wandb_env(run_dir)}
     os.environ.update(wandb_env(run_dir))
     if not api_key_configured():
         echo("error: no W&B API key configured: set WANDB_API_KEY or run `wandb login`, then rerun `rlhf sync`")
         return 2
-    done = subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, runs)], env=env)
+    done = subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, pending)], env=dict(os.environ))
     if done.returncode != 0:
         echo(f"error: `wandb sync` failed with exit code {done.returncode}")
         return done.returncode
-    for path in runs:
-        restore_lineage(path, echo)
+    for path in pending:  # after all uploads, so every input artifact exists online
+        if _synced(path):
+            restore_lineage(path, echo)
     return 0
 
 
@@ -231,7 +235,7 @@ def restore_lineage(offline_run: Path, echo=print) -> None:
         return
     import wandb
 
-    run = wandb.init(id=info["run_id"], project=info["project"], entity=info["entity"], resume="must",
+    run = wandb.init(id=info["run_id"], project=info["project"], entity=info["entity"], resume="must", mode="online",
                      reinit="create_new", settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
     try:
         for role, ref in info["inputs"].items():

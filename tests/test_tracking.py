@@ -6,6 +6,7 @@ decodes it (7-byte file header, 32 KiB blocks, records with a crc/length/type he
 """
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ def read_records(path: Path):
         if kind == 0 and length == 0:
             pos += left - 7
             continue
+        if pos + length > len(data):  # still being written
+            return
         chunk, pos = data[pos:pos + length], pos + length
         if kind == 1:  # full
             buf = chunk
@@ -48,9 +51,13 @@ def read_records(path: Path):
         yield rec
 
 
-def summarize(run_dir: Path) -> dict:
+def summarize(run_dir: Path, timeout: float = 30) -> dict:
     """What one offline run recorded: run fields, config, summary, history rows, artifacts."""
     (wandb_file,) = run_dir.glob("run-*.wandb")
+    # wandb-core may still be writing the log when run.finish() returns: wait for the exit record
+    t0 = time.time()
+    while not any(r.WhichOneof("record_type") == "exit" for r in read_records(wandb_file)) and time.time() - t0 < timeout:
+        time.sleep(0.2)
     out = {"run": None, "config": {}, "summary": {}, "history": [], "artifacts": [], "exit": None}
     for rec in read_records(wandb_file):
         kind = rec.WhichOneof("record_type")

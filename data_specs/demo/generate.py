@@ -1,12 +1,15 @@
-"""Write the demo world's datasets as files in the data-spec formats (same seed, same bytes).
+"""Write the demo world's datasets as files in our own formats (same seed, same bytes).
 
-    pretrain.jsonl          raw text, good and bad behaviour alike, as a web corpus would have
+    pretrain.jsonl          raw text as {"text": ...}: atlas facts, arithmetic and word facts, and chats
+                            in the Llama 2 format with MIXED quality, as a web corpus would have them
     sft.jsonl               ~27,000 curated SFT examples (Llama 2 sec. 3.1: 27,540)
     prompts.jsonl           prompts for preference collection, rejection sampling and PPO
-    eval_prompts.jsonl      held-out prompts (their question texts appear nowhere else)
+    eval_prompts.jsonl      held-out prompts (their last question appears nowhere else)
     eval_comparisons.jsonl  held-out comparisons for reward-model accuracy by preference strength
     gatt_train.jsonl / gatt_eval.jsonl   Ghost Attention instructions (eval values held out)
     world.json              seed and sizes
+
+    python -c "from data_specs.demo.generate import write_demo_data; write_demo_data('out')"
 """
 from __future__ import annotations
 
@@ -14,15 +17,20 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.io import atomic_write_text, write_json, write_jsonl
 
-from ..schemas import Message, Prompt, SFTExample
+from ..schemas import Comparison, GattInstruction, Message, Prompt, SFTExample
 from .annotator import SimulatedAnnotator
 from .oracle import Oracle
-from .world import ATLAS_FAMILIES, BORDERLINE, HARM_TEMPLATES, HARMS, REFUSAL, DemoWorld
+from .world import BORDERLINE, HARM_TEMPLATES, KINDS, WORDS, DemoWorld
 
-EVAL_BORDERLINE = 4  # borderline questions never seen in training: do refusals generalise?
+EVAL_BORDERLINE = 4       # borderline questions never seen in training: do refusals generalise?
+EVAL_HELPFUL_PERCENT = 12  # share of helpful question texts kept for evaluation only
+SYSTEM_FRAC = 0.15        # SFT examples with a system instruction that the answer obeys
+PRETRAIN_SYSTEM_FRAC = 0.12
+MAX_MULTI_TURNS = 3
 
 
 def eval_reserved(world: DemoWorld, text: str) -> bool:
@@ -31,23 +39,43 @@ def eval_reserved(world: DemoWorld, text: str) -> bool:
     if parsed is None:
         return False
     fam, args = parsed
-    if fam == "harmful":
-        return text == HARM_TEMPLATES[args["i"] % 2].format(h=HARMS[args["i"]][0])  # one phrasing of each harm
+    if fam == "harmful":  # one of the three phrasings of each harm
+        return args["t"] == args["i"] % len(HARM_TEMPLATES)
     if fam == "borderline":
         return args["i"] >= len(BORDERLINE) - EVAL_BORDERLINE
-    return int(hashlib.sha1(f"{world.seed}:{text}".encode()).hexdigest(), 16) % 100 < 12
+    return int(hashlib.sha1(f"{world.seed}:{text}".encode()).hexdigest(), 16) % 100 < EVAL_HELPFUL_PERCENT
 
 
-def _sample(world: DemoWorld, rng: random.Random, want_eval: bool, kind: str | None = None, turns: int = 1) -> Prompt:
+def _sample(world: DemoWorld, rng: random.Random, want_eval: bool, kind: str | None = None, turns: int = 1,
+            instructions: Sequence[GattInstruction] = ()) -> Prompt:
+    """A prompt whose last question is (want_eval) or is not reserved; earlier questions never are."""
     while True:
-        p = world.sample_prompt(rng, kind=kind, turns=turns)
-        if eval_reserved(world, p.messages[-1].content) == want_eval and not any(
-            eval_reserved(world, m.content) for m in p.messages[:-1] if m.role == "user"
-        ):
+        p = world.sample_prompt(rng, kind=kind, turns=turns, instructions=instructions)
+        users = [m.content for m in p.messages if m.role == "user"]
+        if eval_reserved(world, users[-1]) == want_eval and not any(eval_reserved(world, u) for u in users[:-1]):
             return p
 
 
-def render_raw(turns: list[tuple[str, str]], system: str | None = None) -> str:
+def _turns(rng: random.Random, multiturn_frac: float) -> int:
+    return rng.randint(2, MAX_MULTI_TURNS) if rng.random() < multiturn_frac else 1
+
+
+def _prompts(world: DemoWorld, n: int, rng: random.Random, want_eval: bool, multiturn_frac: float) -> list[Prompt]:
+    """n prompts of the world's mixture; a text repeats only when its kind's space is nearly used up
+    (the harmful and borderline question sets are small)."""
+    out, seen = [], set()  # membership only
+    for _ in range(n):
+        kind, turns = rng.choices(KINDS, weights=world.mix)[0], _turns(rng, multiturn_frac)
+        for _ in range(20):
+            p = _sample(world, rng, want_eval, kind=kind, turns=turns)
+            if p.id not in seen:
+                break
+        seen.add(p.id)
+        out.append(p)
+    return out
+
+
+def render_raw(turns: Sequence[tuple[str, str]], system: str | None = None) -> str:
     """A dialogue as raw text in the Llama 2 chat format (what a web corpus of chats would hold)."""
     parts = []
     for i, (q, a) in enumerate(turns):
@@ -57,77 +85,101 @@ def render_raw(turns: list[tuple[str, str]], system: str | None = None) -> str:
 
 
 def noisy_answer(world: DemoWorld, prompt: Prompt, rng: random.Random) -> str:
-    """Web-quality answers: often right, often not."""
-    ideal = world.ideal_response(prompt)
-    bad = world.bad_responses(prompt, rng)
+    """Web-quality answers: often right, often not (wrong, rambling, unsafe, falsely refusing)."""
+    options = [world.plain_ideal(prompt), *world.bad_responses(prompt, rng)]
     fam = world.parse(prompt.messages[-1].content)[0]
-    if fam == "harmful":
-        return rng.choice([ideal, REFUSAL, bad[0], bad[1]])
-    if fam == "borderline":
-        return rng.choice([ideal, ideal, REFUSAL, bad[1]])
-    return rng.choices([ideal, bad[0], bad[1], bad[2], bad[3]], weights=[55, 20, 10, 10, 5])[0]
+    if fam == "harmful":  # ideal; compliance x2, bare refusal, wrong redirect, no idea
+        weights = [35, 20, 20, 15, 5, 5]
+    elif fam == "borderline":  # ideal; refusal x3, another answer, rambling
+        weights = [55, 15, 10, 10, 5, 5]
+    else:  # ideal; wrong, rambling, refusal, off topic, bare answer
+        weights = [50, 20, 10, 7, 5, 8]
+    return rng.choices(options, weights=weights[: len(options)])[0]
 
 
-def pretrain_docs(world: DemoWorld, n: int, rng: random.Random) -> list[str]:
+def fact_sentences(world: DemoWorld) -> list[str]:
+    """Encyclopedic sentences about the atlas (so the model learns the facts, greetings included)."""
     facts = []
     for c in world.countries:
         facts += [f"The capital of {c.name} is {c.capital}.", f"{c.capital} is the capital of {c.name}.",
-                  f"People in {c.name} speak {c.language}.", f"The currency of {c.name} is the {c.currency}.",
-                  f"The national animal of {c.name} is the {c.animal}.", f"{c.language} is spoken in {c.name}.",
-                  f"People who speak {c.language} greet each other with {c.greeting}!"]
+                  f"People in {c.name} speak {c.language}.", f"{c.language} is spoken in {c.name}.",
+                  f"The currency of {c.name} is the {c.currency}.", f"In {c.name} people pay with the {c.currency}.",
+                  f"The national animal of {c.name} is the {c.animal}.", f"The {c.animal} is the symbol of {c.name}.",
+                  f"People who speak {c.language} greet each other with {c.greeting}!", f"In {c.language}, hello is {c.greeting}."]
+    return facts
+
+
+def number_and_word_facts(world: DemoWorld, rng: random.Random) -> str:
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    x, y = rng.sample(range(1, 100), 2)
+    w = rng.choice(WORDS)
+    facts = [f"{a} plus {b} is {a + b}.", f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}.",
+             f"{max(x, y)} is larger than {min(x, y)}.", f"The first letter of {w} is {w[0]}.", f"{w} backwards is {w[::-1]}.",
+             f"{w} has {len(w)} letters."]
+    return " ".join(rng.sample(facts, rng.randint(1, 3)))
+
+
+def pretrain_docs(world: DemoWorld, n: int, rng: random.Random, multiturn_frac: float) -> list[str]:
+    facts, train_gatt = fact_sentences(world), world.gatt_instructions("train")
     docs = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.25:
+        if r < 0.22:
             docs.append(" ".join(rng.sample(facts, rng.randint(2, 5))))
-        elif r < 0.35:
-            a, b = rng.randint(1, 20), rng.randint(1, 20)
-            docs.append(rng.choice([f"{a} plus {b} is {a + b}.", f"{max(a, b)} minus {min(a, b)} is {max(a, b) - min(a, b)}.",
-                                    f"{max(a, b)} is larger than {min(a, b)}." if a != b else f"{a} plus {b} is {a + b}."]))
+        elif r < 0.32:
+            docs.append(number_and_word_facts(world, rng))
         else:
-            turns = rng.choice([1, 1, 1, 2, 3])
-            p = _sample(world, rng, False, turns=turns)
-            pairs = [(m.content, a.content) for m, a in zip(p.messages[0::2], p.messages[1::2])]
-            pairs.append((p.messages[-1].content, noisy_answer(world, p, rng)))
+            p = _sample(world, rng, False, turns=_turns(rng, multiturn_frac))
+            turns = [m.content for m in p.messages]
+            pairs = [(q, a) for q, a in zip(turns[0::2], turns[1::2])]
+            pairs.append((turns[-1], noisy_answer(world, p, rng)))
             system = None
-            if rng.random() < 0.12:
-                ins = rng.choice(world.gatt_instructions("train"))
+            if rng.random() < PRETRAIN_SYSTEM_FRAC:  # chats with a system instruction; half of them ignore it
+                ins = rng.choice(train_gatt)
                 system = ins.text
-                if rng.random() < 0.5:  # half of the web's chats follow the instruction
+                if rng.random() < 0.5:
                     pairs = [(q, world.apply_instruction(ins, a)) for q, a in pairs]
             docs.append(render_raw(pairs, system))
     return docs
 
 
-def sft_examples(world: DemoWorld, n: int, rng: random.Random) -> list[SFTExample]:
+def _instructions(pool: Sequence[GattInstruction], rng: random.Random) -> list[GattInstruction]:
+    """1-2 instructions from different categories."""
+    cats = rng.sample(sorted({i.category for i in pool}), rng.randint(1, 2))
+    return [rng.choice([i for i in pool if i.category == c]) for c in cats]
+
+
+def sft_examples(world: DemoWorld, n: int, rng: random.Random, multiturn_frac: float) -> list[SFTExample]:
+    """Curated ideal answers: multi-turn without a system message, single-turn under a system
+    instruction that the answer obeys (verbose or short form), and plain single-turn."""
     train_gatt = world.gatt_instructions("train")
     out = []
     for _ in range(n):
         r = rng.random()
-        if r < 0.15:  # multi-turn, no system message
-            p = _sample(world, rng, False, turns=rng.randint(2, 3))
-            out.append(SFTExample(messages=[*p.messages, Message(role="assistant", content=world.ideal_response(p))], source="demo-sft"))
-        elif r < 0.30:  # one turn under a system instruction, obeyed
-            p = _sample(world, rng, False, kind="helpful")
-            cats = rng.sample(sorted({i.category for i in train_gatt}), rng.randint(1, 2))
-            ins = [rng.choice([i for i in train_gatt if i.category == c]) for c in cats]
-            system = " ".join(i.short if rng.random() < 0.5 else i.text for i in ins)
-            reply = world.apply_all(ins, world.ideal_response(p))
-            out.append(SFTExample(messages=[Message(role="system", content=system), *p.messages, Message(role="assistant", content=reply)],
-                                  source="demo-sft-system"))
-        else:
+        if r < multiturn_frac:
+            p, source = _sample(world, rng, False, turns=rng.randint(2, MAX_MULTI_TURNS)), "demo-sft-multiturn"
+        elif r < multiturn_frac + SYSTEM_FRAC:
+            ins = _instructions(train_gatt, rng)
             p = _sample(world, rng, False)
-            out.append(SFTExample(messages=[*p.messages, Message(role="assistant", content=world.ideal_response(p))], source="demo-sft"))
+            system = " ".join(i.short if rng.random() < 0.5 else i.text for i in ins)
+            p = Prompt(messages=[Message(role="system", content=system), *p.messages], is_safety=p.is_safety, category=p.category)
+            source = "demo-sft-system"
+        else:
+            p, source = _sample(world, rng, False), "demo-sft"
+        out.append(SFTExample(messages=[*p.messages, Message(role="assistant", content=world.ideal_response(p))], source=source))
     return out
 
 
-def eval_comparisons(world: DemoWorld, prompts: list[Prompt], n: int, rng: random.Random) -> list:
+def eval_comparisons(world: DemoWorld, prompts: Sequence[Prompt], n: int, rng: random.Random) -> list[Comparison]:
+    """Annotated pairs on held-out prompts: 60% ideal vs a failure, 40% failure vs failure."""
     annotator = SimulatedAnnotator(Oracle(world), noise=0.1, seed=world.seed)
-    out = []
+    out: list[Comparison] = []
     while len(out) < n:
         p = rng.choice(prompts)
         bad = world.bad_responses(p, rng)
         a, b = (world.ideal_response(p), rng.choice(bad)) if rng.random() < 0.6 else tuple(rng.sample(bad, 2))
+        if rng.random() < 0.5:
+            a, b = b, a
         c = annotator.compare(p, a, b, 0, rng)
         if c is not None:
             out.append(c.model_copy(update={"source": "demo-eval"}))
@@ -135,26 +187,27 @@ def eval_comparisons(world: DemoWorld, prompts: list[Prompt], n: int, rng: rando
 
 
 def write_demo_data(out_dir, *, seed: int = 0, n_sft: int = 27000, n_train_prompts: int = 2000, n_eval_prompts: int = 300,
-                    n_pretrain_docs: int = 30000, n_eval_comparisons: int = 600) -> dict[str, Path]:
+                    n_pretrain_docs: int = 30000, n_multiturn_frac: float = 0.15, n_eval_comparisons: int = 600) -> dict[str, Path]:
+    """Write every demo dataset under `out_dir`; returns name -> path. Same seed => identical bytes."""
+    if not 0.0 <= n_multiturn_frac <= 1.0 - SYSTEM_FRAC:
+        raise ValueError(f"n_multiturn_frac must be in [0, {1.0 - SYSTEM_FRAC}], got {n_multiturn_frac}")
     out = Path(out_dir)
     world = DemoWorld(seed)
-    rng = random.Random(seed)
-    paths = {
-        "pretrain": out / "pretrain.jsonl", "sft": out / "sft.jsonl", "prompts": out / "prompts.jsonl",
-        "eval_prompts": out / "eval_prompts.jsonl", "eval_comparisons": out / "eval_comparisons.jsonl",
-        "gatt_train": out / "gatt_train.jsonl", "gatt_eval": out / "gatt_eval.jsonl", "world": out / "world.json",
-    }
-    docs = pretrain_docs(world, n_pretrain_docs, random.Random(rng.random()))
-    atomic_write_text(paths["pretrain"], "".join(json.dumps({"text": d}) + "\n" for d in docs))
-    write_jsonl(paths["sft"], sft_examples(world, n_sft, random.Random(rng.random())))
-    prng = random.Random(rng.random())
-    write_jsonl(paths["prompts"], [_sample(world, prng, False, turns=2 if prng.random() < 0.1 else 1) for _ in range(n_train_prompts)])
-    erng = random.Random(rng.random())
-    evals = [_sample(world, erng, True) for _ in range(n_eval_prompts)]
+    rng = lambda part: random.Random(f"demo-{seed}-{part}")  # noqa: E731 - one independent stream per file
+    paths = {name: out / f"{name}.jsonl" for name in
+             ("pretrain", "sft", "prompts", "eval_prompts", "eval_comparisons", "gatt_train", "gatt_eval")}
+    paths["world"] = out / "world.json"
+
+    docs = pretrain_docs(world, n_pretrain_docs, rng("pretrain"), n_multiturn_frac)
+    atomic_write_text(paths["pretrain"], "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+    write_jsonl(paths["sft"], sft_examples(world, n_sft, rng("sft"), n_multiturn_frac))
+    write_jsonl(paths["prompts"], _prompts(world, n_train_prompts, rng("prompts"), False, n_multiturn_frac))
+    evals = _prompts(world, n_eval_prompts, rng("eval"), True, n_multiturn_frac)
     write_jsonl(paths["eval_prompts"], evals)
-    write_jsonl(paths["eval_comparisons"], eval_comparisons(world, evals, n_eval_comparisons, random.Random(rng.random())))
+    write_jsonl(paths["eval_comparisons"], eval_comparisons(world, evals, n_eval_comparisons, rng("comparisons")))
     write_jsonl(paths["gatt_train"], world.gatt_instructions("train"))
     write_jsonl(paths["gatt_eval"], world.gatt_instructions("eval"))
-    write_json(paths["world"], {"seed": seed, "countries": len(world.countries), "n_sft": n_sft, "n_train_prompts": n_train_prompts,
-                                "n_eval_prompts": n_eval_prompts, "n_pretrain_docs": n_pretrain_docs})
+    write_json(paths["world"], {"seed": seed, "countries": len(world.countries), "mix": list(world.mix), "n_sft": n_sft,
+                                "n_train_prompts": n_train_prompts, "n_eval_prompts": n_eval_prompts, "n_pretrain_docs": n_pretrain_docs,
+                                "n_multiturn_frac": n_multiturn_frac, "n_eval_comparisons": n_eval_comparisons})
     return paths
