@@ -1,19 +1,30 @@
 """One generation engine for every stage that samples (collect_preferences, rejection_sampling,
 ppo rollouts, ghost_attention, evaluate).
 
+    outs = generate(model, prompt_ids, SamplingParams(max_new_tokens=64, temperature=1.0, stop_token_ids=(eos,), seed=0), n=8)
+    outs[i][j]  # j-th sampled continuation of prompt i: new token ids only, ending with the stop token if one was emitted
+
 Why not `model.generate(num_return_sequences=K)`: on small models padding and the K-fold
 expansion of the prompt dominate. Here:
 * prompts are sorted by length and batched, so little left padding is needed;
-* each prompt is prefilled ONCE; its KV cache is then repeated K times for the K samples;
-* decoding uses the KV cache, and rows that emitted a stop token leave the batch at once, so
-  finished sequences cost nothing;
-* sampling (temperature, top-p, greedy at temperature 0) uses its own seeded generator.
+* each prompt is prefilled ONCE (logits for its last position only); its KV cache is then repeated
+  n times for the n samples (`DynamicCache.batch_repeat_interleave`);
+* decoding uses the KV cache under `torch.inference_mode()`, and rows that emitted a stop token
+  leave the batch at once (`DynamicCache.batch_select_indices`), so finished sequences cost nothing;
+* sampling (temperature, top-p with the semantics of transformers' `TopPLogitsWarper`, greedy at
+  temperature 0) draws from a `torch.Generator` seeded from `params.seed`.
 
-The Hugging Face backend always works; `backend="vllm"` uses vLLM when it is installed (GPU).
+Determinism: the same model, prompts, params (seed included), n and max_batch_tokens give the same
+outputs on the same device; the batch composition (max_batch_tokens) is part of the random stream.
+
+The Hugging Face backend always works (LlamaForCausalLM, or a peft-wrapped one); `backend="vllm"`
+uses vLLM when it is installed (GPU), loading a checkpoint saved on disk.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -21,42 +32,62 @@ import torch
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # longest continuation, stop token included
     temperature: float = 1.0  # 0 => greedy
-    top_p: float = 1.0
-    stop_token_ids: tuple[int, ...] = ()  # a row stops after emitting one; the stop token is returned
-    seed: int | None = None
+    top_p: float = 1.0  # nucleus mass in (0, 1]; 1 => no filtering
+    stop_token_ids: tuple[int, ...] = ()  # a row stops after emitting one; the stop token IS returned
+    seed: int | None = None  # None => torch's global random state
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering with the semantics of transformers' TopPLogitsWarper: drop the
-    lowest-probability tokens whose cumulative mass is <= 1 - top_p, always keep the top one.
-    (R, V) -> (R, V) with -inf on dropped tokens."""
+    """Nucleus filtering with the semantics of transformers' TopPLogitsWarper (min_tokens_to_keep=1):
+    sort ascending, drop the tokens whose cumulative probability is <= 1 - top_p, always keep the
+    most likely one. logits (R, V) -> (R, V) with -inf on dropped tokens."""
     if top_p >= 1.0:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, descending=False)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cum <= (1 - top_p)
     remove[..., -1:] = False
-    mask = remove.scatter(1, sorted_idx, remove)
+    mask = remove.scatter(-1, sorted_idx, remove)
     return logits.masked_fill(mask, float("-inf"))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(R, V) next-token logits -> (R,) token ids."""
+    """Next tokens. logits (R, V) -> (R,) token ids. Greedy (argmax) at temperature 0, else a draw from
+    softmax(top_p_filter(logits / T)) with `generator` (on the logits' device).
+
+    Sampling is by inverse CDF: one uniform number per row, located in the row's cumulative
+    distribution. torch.multinomial draws about V random numbers per row (about 20 ms for 128 x 4096
+    on one CPU core, a large share of a small model's decode step); this takes well under 1 ms. The
+    float32 cumulative sum moves a token's probability by at most ~6e-8 (one rounding of the running
+    sum); filtered tokens (probability 0) are never drawn."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(logits.float() / params.temperature, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+    probs = top_p_filter(logits.float() / params.temperature, params.top_p).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (R, V)
+    total = cdf[:, -1:]  # (R, 1), 1 up to rounding
+    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=probs.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total: lands on a token of mass > 0
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first index with cdf > u
 
 
-def _batches(order: list[int], lengths: list[int], n: int, max_new: int, max_batch_tokens: int) -> list[list[int]]:
-    """Consecutive prompts (sorted by length) while rows * (length + max_new) fits the budget."""
+def _batches(order: Sequence[int], lengths: Sequence[int], n: int, max_new: int, max_batch_tokens: int) -> list[list[int]]:
+    """Consecutive prompts of `order` (sorted by length, so the last one is the longest) while
+    rows * (longest prompt + max_new) <= max_batch_tokens, rows = prompts * n. A prompt that alone
+    exceeds the budget gets a batch of its own."""
     out, cur = [], []
     for i in order:
-        width = lengths[i] + max_new
-        if cur and (len(cur) + 1) * n * width > max_batch_tokens:
+        if cur and (len(cur) + 1) * n * (lengths[i] + max_new) > max_batch_tokens:
             out.append(cur)
             cur = []
         cur.append(i)
@@ -65,70 +96,98 @@ def _batches(order: list[int], lengths: list[int], n: int, max_new: int, max_bat
     return out
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.inference_mode()
-def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, pad_id: int, device,
-                    generator: torch.Generator | None) -> list[list[list[int]]]:
-    B = len(prompts)
+def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, pad_id: int, device: torch.device,
+                    generator: torch.Generator | None, keep_kw: dict) -> list[list[list[int]]]:
+    """One bucket of prompts -> for each prompt, n continuations."""
+    B, T = len(prompts), params.max_new_tokens
     L = max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, L), dtype=torch.long)
+    # attention mask for the whole generation, allocated once and sliced per step: (B, L + T)
+    full_mask = torch.ones((B, L + T), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding
         ids[i, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, L - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    next_pos = pos[:, -1] + 1
+        full_mask[i, :L - len(p)] = 0
+    padded = any(len(p) < L for p in prompts)  # without padding the model's plain causal mask is enough
+    ids, full_mask = ids.to(device), full_mask.to(device)
+    pos = (full_mask[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L): real tokens at 0, 1, ...
+    out = model(input_ids=ids, attention_mask=full_mask[:, :L] if padded else None, position_ids=pos, use_cache=True, **keep_kw)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits (B, V)
+    next_pos = pos[:, -1] + 1  # (B,)
     if n > 1:  # the prompt was prefilled once; its cache now serves all n samples
         cache.batch_repeat_interleave(n)
         logits = logits.repeat_interleave(n, dim=0)
-        mask = mask.repeat_interleave(n, dim=0)
+        full_mask = full_mask.repeat_interleave(n, dim=0)
         next_pos = next_pos.repeat_interleave(n, dim=0)
-    rows = torch.arange(B * n)  # which output each live row writes to
-    results: list[list[int]] = [[] for _ in range(B * n)]
-    stops = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device) if params.stop_token_ids else None
-    for step in range(params.max_new_tokens):
-        tok = sample_next(logits, params, generator)
-        for r, t in zip(rows.tolist(), tok.tolist()):
-            results[r].append(t)
-        done = torch.isin(tok, stops) if stops is not None else torch.zeros_like(tok, dtype=torch.bool)
-        if step + 1 == params.max_new_tokens or bool(done.all()):
+    R = B * n
+    rows = torch.arange(R)  # (R_live,) which output each live row writes to
+    tokens = torch.full((R, T), pad_id, dtype=torch.long)  # (R, T) sampled ids, on CPU
+    lengths = torch.full((R,), T, dtype=torch.long)  # (R,) tokens produced per row
+    stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device) if params.stop_token_ids else None
+    for step in range(T):
+        tok = sample_next(logits, params, generator)  # (R_live,)
+        tokens[rows, step] = tok.cpu()
+        if step + 1 == T:
             break
-        if bool(done.any()):  # finished rows leave the batch: they cost nothing from here on
-            keep = (~done).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            tok, mask, next_pos, rows = tok[keep], mask[keep], next_pos[keep], rows[keep.cpu()]
-        mask = torch.cat([mask, torch.ones((mask.size(0), 1), dtype=mask.dtype, device=device)], dim=1)
-        out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask, position_ids=next_pos.unsqueeze(-1), past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
+        if stops is not None:
+            done = torch.isin(tok, stops)
+            if bool(done.any()):  # finished rows leave the batch: from here on they cost nothing
+                lengths[rows[done.cpu()]] = step + 1
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                tok, full_mask, next_pos, rows = tok[keep], full_mask[keep], next_pos[keep], rows[keep.cpu()]
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=full_mask[:, :L + step + 1] if padded else None,
+                    position_ids=next_pos.unsqueeze(-1), past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = next_pos + 1
-    return [results[i * n:(i + 1) * n] for i in range(B)]
+    res = [tokens[r, :lengths[r]].tolist() for r in range(R)]
+    return [res[i * n:(i + 1) * n] for i in range(B)]
 
 
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1, pad_token_id: int = 0,
              max_batch_tokens: int = 16384, progress: Callable[[int], None] | None = None,
              backend: str = "hf") -> list[list[list[int]]]:
-    """For each prompt, n sampled continuations (new token ids only). Deterministic given params.seed."""
+    """For each prompt, n sampled continuations (new token ids only). Deterministic given params.seed.
+
+    model: a causal LM (HF backend), or for backend="vllm" a checkpoint path or a `VLLMBackend`.
+    prompts: token ids, each non-empty. max_batch_tokens bounds rows * (longest prompt + max_new_tokens)
+    per batch (the KV-cache size). progress(k) is called after each batch with its number of prompts.
+    Returns outs with len(outs) == len(prompts), len(outs[i]) == n, each continuation at most
+    max_new_tokens long and ending at its first stop token. Training mode is restored afterwards."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if len(p) == 0)} is empty; every prompt needs a token")
     if backend == "vllm":
-        return VLLMBackend.generate(model, prompts, params, n)
+        engine = model if isinstance(model, VLLMBackend) else VLLMBackend.load(model)
+        return engine.generate(prompts, params, n)
     if backend != "hf":
         raise ValueError(f"generation backend must be 'hf' or 'vllm', got {backend!r}")
     if not prompts:
         return []
+    if params.max_new_tokens == 0:
+        return [[[] for _ in range(n)] for _ in prompts]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    generator = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    keep_kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}  # prefill: only the last position's logits
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[list[list[int]] | None] = [None] * len(prompts)
     try:
         for batch in _batches(order, lengths, n, params.max_new_tokens, max_batch_tokens):
-            outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator)
+            outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator, keep_kw)
             for i, o in zip(batch, outs):
                 results[i] = o
             if progress is not None:
@@ -138,24 +197,44 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n:
     return results  # type: ignore[return-value]
 
 
-@dataclass
+_VLLM_ENGINES: dict[str, "VLLMBackend"] = {}
+
+
 class VLLMBackend:
-    """vLLM for generation on a GPU, when installed. The model must be saved on disk (a policy
-    artifact): vLLM loads it by path."""
+    """vLLM on a GPU, when installed. vLLM loads weights by path, so the policy must be saved on disk
+    (a policy artifact); engines are cached per path. Same semantics as the HF backend: only
+    `stop_token_ids` stop a row (ignore_eos), and the stop token is returned."""
 
-    cache: dict = field(default_factory=dict)
-
-    @staticmethod
-    def generate(model_path, prompts, params: SamplingParams, n: int):
+    def __init__(self, model_path: str | Path, **llm_kwargs) -> None:
         try:
-            from vllm import LLM, SamplingParams as VSP
+            from vllm import LLM
         except ImportError as e:
-            raise RuntimeError("generation backend 'vllm' was requested but vllm is not installed (pip install vllm, GPU only); "
-                               "use backend: hf") from e
-        if not isinstance(model_path, (str,)):
-            raise RuntimeError("the vllm backend needs the policy's checkpoint path, not an in-memory model")
-        llm = LLM(model=model_path, seed=params.seed or 0)
+            raise RuntimeError("generation backend 'vllm' was requested but vllm is not installed "
+                               "(pip install vllm; GPU only). Set generation.backend=hf to use the Hugging Face backend.") from e
+        self.llm = LLM(model=str(model_path), **llm_kwargs)
+
+    @classmethod
+    def load(cls, model_path) -> "VLLMBackend":
+        if not isinstance(model_path, (str, Path)):
+            raise TypeError("the vllm backend needs the policy's checkpoint path (str or Path), not an in-memory model")
+        key = str(model_path)
+        if key not in _VLLM_ENGINES:
+            _VLLM_ENGINES[key] = cls(key)
+        return _VLLM_ENGINES[key]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[list[list[int]]]:
+        from vllm import SamplingParams as VSP
+
         sp = VSP(n=n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_new_tokens,
-                 stop_token_ids=list(params.stop_token_ids), seed=params.seed)
-        outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp)
-        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+                 stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=params.seed)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
+        result = []
+        for o in outs:
+            per_prompt = []
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                if isinstance(c.stop_reason, int) and (not ids or ids[-1] != c.stop_reason):
+                    ids.append(c.stop_reason)  # keep the stop token, as the HF backend does
+                per_prompt.append(ids)
+            result.append(per_prompt)
+        return result

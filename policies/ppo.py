@@ -198,7 +198,7 @@ def run(ctx: StageContext) -> dict:
                 n_updates += 1
                 for k, v in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
                              ("entropy", masked_mean(ent.detach(), mb["mask"]))):
-                    stats[k] += float(v)
+                    stats[k] += float(v.detach())
         stats = {k: v / max(1, n_updates) for k, v in stats.items()}
         lengths = mask.sum(1)
         row = {
