@@ -251,6 +251,20 @@ def sync(
         raise typer.Exit(code)
 
 
+
+
+@app.command()
+def dashboard(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory to show (it may not exist yet)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8501, "--port", help="Port of the web dashboard."),
+) -> None:
+    """Web dashboard of the run (Streamlit): rounds, trends, curves, samples, lineage. Reads the registry only."""
+    from dashboard.launch import run as run_dashboard
+
+    raise typer.Exit(run_dashboard(run_dir, host, port))
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
