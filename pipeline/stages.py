@@ -130,7 +130,7 @@ STAGES: dict[str, StageSpec] = {
                   ("policies.sft", "policies.trainer", *COMMON), "model",
                   ("eval_loss", "gold_helpfulness", "tokens_per_s"), "zero", "Supervised fine-tuning, loss on answer tokens only."),
         StageSpec("collect_preferences", "policies.collect_preferences:run",
-                  lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1)},
+                  lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1), "pretrained": ("pretrained", 0)},
                   ("policies.collect_preferences", "policies.generation", *COMMON), "dataset",
                   ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy.", _preference_file),
         StageSpec("reward_model_helpful", "reward_models.train:run_helpful", _rm_inputs("reward_model_helpful"),

@@ -3,7 +3,8 @@
 
     rlhf stage collect_preferences --round 1
 
-Two (or more) responses per prompt are sampled from the latest policy at different temperatures.
+Several responses per prompt are sampled from the latest policy at different temperatures, plus
+(optionally) from the pretrained checkpoint as a second model variant; distinct responses are paired.
 * demo (`collect_preferences.source: demo`): the simulated annotator labels each pair.
 * real data (`source: data/prefs_r{round}.jsonl`): the labeled file of the round is validated and
   imported. If it does not exist yet, the unlabeled pairs are exported to
@@ -34,25 +35,26 @@ def sample_pairs(ctx: StageContext) -> list[dict]:
     cfg = ctx.section
     prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
     model, tok = load_policy(ctx.input("policy").path, ctx.device)
+    dialogues = [messages_to_dicts(p.messages) for p in prompts]
     temps = [cfg.temperatures[i % len(cfg.temperatures)] for i in range(cfg.responses_per_prompt)]
-    per_temp = {}
-    bar = ctx.progress(len(prompts) * len(set(temps)), "sample", unit="prompt")
-    for t in sorted(set(temps)):
-        n = temps.count(t)
-        per_temp[t] = sample_replies(model, tok, [messages_to_dicts(p.messages) for p in prompts], n, cfg.max_new_tokens, t,
-                                     ctx.seed + int(t * 1000), progress=bar.update)
+    sources = [(model, t, "policy") for t in sorted(set(temps))]
+    if cfg.base_responses:  # a different model variant, as the paper's annotators compared (sec. 3.2.1)
+        base, _ = load_policy(ctx.input("pretrained").path, ctx.device)
+        sources.append((base, max(cfg.temperatures), "pretrained"))
+    responses: list[list[tuple[str, float, str]]] = [[] for _ in prompts]
+    bar = ctx.progress(len(prompts) * len(sources), "sample", unit="prompt")
+    for k, (m, t, name) in enumerate(sources):
+        n = temps.count(t) if name == "policy" else cfg.base_responses
+        replies = sample_replies(m, tok, dialogues, n, cfg.max_new_tokens, t, ctx.seed + 1000 * k, progress=bar.update)
+        for i, rs in enumerate(replies):
+            responses[i] += [(r, t, name) for r in rs]
     bar.close()
     pairs = []
     for i, p in enumerate(prompts):
-        used = Counter()
-        responses = []
-        for t in temps:
-            responses.append((per_temp[t][i][used[t]], t))
-            used[t] += 1
-        for j in range(0, len(responses) - 1):
-            (a, ta), (b, tb) = responses[j], responses[j + 1]
-            pairs.append({"prompt_id": p.id, "prompt": messages_to_dicts(p.messages), "is_safety_prompt": p.is_safety,
-                          "category": p.category, "response_a": a, "response_b": b, "temperatures": [ta, tb]})
+        distinct = list({r[0]: r for r in responses[i] if r[0].strip()}.values())  # identical samples say nothing
+        for (a, ta, ma), (b, tb, mb) in zip(distinct, distinct[1:]):
+            pairs.append({"prompt_id": p.id, "prompt": dialogues[i], "is_safety_prompt": p.is_safety, "category": p.category,
+                          "response_a": a, "response_b": b, "temperatures": [ta, tb], "models": [ma, mb]})
     return pairs
 
 

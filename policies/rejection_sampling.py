@@ -111,7 +111,7 @@ def run(ctx: StageContext) -> dict:
         "n_prompts": len(prompts),
         "k": K,
         "n_train_examples": len(unique),
-        "n_from_earlier_rounds": len(unique) - len(selected),
+        "n_from_earlier_rounds": sum(s["round"] != ctx.round for s in unique),
         "train_loss": train_metrics["train_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
         "resumed_from_step": train_metrics["resumed_from_step"],
