@@ -200,6 +200,44 @@ def lineage(
     Console().print(root)
 
 
+REPORT_COLUMNS = ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rate", "win_rate_vs_sft", "win_rate_vs_previous",
+                  "rm_accuracy_helpful", "rm_accuracy_safety", "gatt_adherence_late_turns", "kl_to_sft", "reward_hacking")
+
+
+def report_rows(run_dir: str) -> list[dict]:
+    """Per-round results: the SFT baseline (round 0) and each round's `evaluate` metrics."""
+    from .registry import Registry
+
+    reg = Registry(run_dir)
+    rows = []
+    sft = reg.find("sft", 0)
+    if sft is not None:
+        rows.append({"round": "0 (SFT)", **{k: sft.metrics.get(k) for k in REPORT_COLUMNS}})
+    evals = sorted((a for a in reg.iter_artifacts("evaluate") if reg.find("evaluate", a.round).version == a.version), key=lambda a: a.round)
+    for a in evals:
+        rows.append({"round": str(a.round), **{k: a.metrics.get(k) for k in REPORT_COLUMNS}})
+    return rows
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a Markdown table."),
+) -> None:
+    """Per-round results table (Markdown) from the registry: gold scores, win rates, RM accuracy, GAtt adherence."""
+    rows = report_rows(run_dir)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        _fail(f"no sft or evaluate artifacts in {run_dir}", 1)
+    cols = ["round", *REPORT_COLUMNS]
+    typer.echo("| " + " | ".join(cols) + " |")
+    typer.echo("|" + " --- |" * len(cols))
+    for r in rows:
+        typer.echo("| " + " | ".join("" if r[c] is None else (f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols) + " |")
+
+
 @data_app.command("validate")
 def data_validate(
     path: str = typer.Argument(..., help="JSONL, JSON or Parquet file, directory, or hub dataset name."),
