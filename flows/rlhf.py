@@ -12,15 +12,10 @@ artifact, never a model. Stages of a round that do not depend on each other (the
 run in parallel. Transient errors are retried; a stage that stopped on purpose (StageFailed),
 missing inputs and config errors are not. Each round ends with a summary table artifact
 `rlhf-round-<r>`. `rlhf run` does not need Prefect at all.
-
-Testing seam: `RLHF_STAGE_SPECS=module:ATTR` (in the environment of the process that runs the
-flow) replaces the stage registry with a dict of `StageSpec`s, so the orchestration can be tested
-with tiny stage functions (tests/fake_stages.py). Do not set it in production.
 """
 from __future__ import annotations
 
 import builtins
-import importlib
 import os
 import time
 from typing import Annotated, Any, Literal
@@ -42,7 +37,6 @@ from pipeline.registry import Registry  # noqa: E402
 from pipeline.runner import MissingInputError  # noqa: E402
 from pipeline.stages import STAGES, StageSpec, round_plan  # noqa: E402
 
-SPECS_ENV = "RLHF_STAGE_SPECS"
 DEPLOYMENTS = ("iteration", "bootstrap", "full", "stage")
 # Errors no retry can fix: a guard tripped, an input is missing, the config is wrong.
 PERMANENT = (StageFailed, MissingInputError, ConfigError, ValueError, KeyError)
@@ -52,34 +46,23 @@ StageName = Literal["data", "pretrained", "sft", "collect_preferences", "reward_
                     "rejection_sampling", "ppo", "ghost_attention", "evaluate"]
 
 
-def load_specs() -> dict[str, StageSpec] | None:
-    """The stage registry override from RLHF_STAGE_SPECS ("module:ATTR"), or None for the real stages."""
-    ref = os.environ.get(SPECS_ENV)
-    if not ref:
-        return None
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr or "SPECS")
+def plan(cfg: RunConfig, round: int) -> list[str]:
+    """The stages of a round (round 0: data, pretrained, sft)."""
+    return round_plan(cfg, round)
 
 
-def plan(cfg: RunConfig, round: int, specs: dict[str, StageSpec] | None = None) -> list[str]:
-    """The stages of a round (round 0: data, pretrained, sft), limited to the specs that exist."""
-    specs = specs or STAGES
-    return [s for s in round_plan(cfg, round) if s in specs]
-
-
-def levels(cfg: RunConfig, round: int, stages: list[str], specs: dict[str, StageSpec] | None = None) -> list[list[str]]:
+def levels(cfg: RunConfig, round: int, stages: list[str]) -> list[list[str]]:
     """Group a round's stages into waves: a stage waits only for the stages of this round it reads.
 
     With the Llama 2 DAG: [collect_preferences], [reward_model_helpful, reward_model_safety],
     [rejection_sampling], [ppo], [ghost_attention], [evaluate].
     """
-    specs = specs or STAGES
     done: set[str] = set()
     waves: list[list[str]] = []
     todo = list(stages)
     while todo:
         wave = [s for s in todo
-                if all(dep in done or dep not in todo for dep, r in specs[s].inputs(cfg, round).values() if r == round)]
+                if all(dep in done or dep not in todo for dep, r in STAGES[s].inputs(cfg, round).values() if r == round)]
         if not wave:  # a cycle cannot happen with round-indexed inputs; keep declared order if it does
             wave = todo[:1]
         waves.append(wave)
@@ -92,18 +75,6 @@ def next_round(cfg: RunConfig) -> int:
     """1 + the highest round with a complete `evaluate`, or 1."""
     rounds = [a.round for a in Registry(cfg.run_dir).iter_artifacts("evaluate")]
     return max(rounds, default=0) + 1
-
-
-class _SharedRegistry(Registry):
-    """The registry as seen by parallel stage tasks in one process.
-
-    `Registry.clean_stale_builds` (called by `Runner.run_stage`) treats in-progress builds of its
-    own process as stale, which deletes a sibling task's build when two stages run in threads. The
-    flow cleans once before any stage starts instead; builds of other live processes are kept.
-    """
-
-    def clean_stale_builds(self) -> None:
-        pass
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -129,10 +100,8 @@ def run_stage(stage: str, round: int, config: str, run_dir: str | None, override
     from pipeline.tracking import tracker_factory
 
     cfg = load_config(config, overrides, run_dir=run_dir)
-    specs = load_specs()
     logger = get_run_logger()
-    runner = Runner(cfg, specs=specs, tracker_factory=tracker_factory(cfg), echo=logger.info, show_progress=False)
-    runner.registry = _SharedRegistry(cfg.run_dir)
+    runner = Runner(cfg, tracker_factory=tracker_factory(cfg), echo=logger.info, show_progress=False)
     res = runner.run_stage(stage, round, force=force)
     art = res.artifact
     return {"stage": stage, "round": round, "version": art.version, "path": str(art.path), "cached": res.cached,
@@ -140,10 +109,9 @@ def run_stage(stage: str, round: int, config: str, run_dir: str | None, override
             "metrics": _headline(runner.spec(stage), art.metrics)}
 
 
-def _run_round(cfg: RunConfig, round: int, stages: list[str], args: dict[str, Any], retries: int,
-               specs: dict[str, StageSpec] | None) -> list[dict[str, Any]]:
+def _run_round(cfg: RunConfig, round: int, stages: list[str], args: dict[str, Any], retries: int) -> list[dict[str, Any]]:
     refs: list[dict[str, Any]] = []
-    for wave in levels(cfg, round, stages, specs):
+    for wave in levels(cfg, round, stages):
         futures = [run_stage.with_options(name=s, task_run_name=f"{s}-r{round}", retries=retries, retry_delay_seconds=10)
                    .submit(s, round, **args) for s in wave]
         refs += [f.result() for f in futures]  # raises the first failure: later waves never start
@@ -195,27 +163,25 @@ def rlhf(
     """
     logger = get_run_logger()
     cfg = load_config(config, overrides, run_dir=run_dir)  # a bad config fails here, before any stage
-    specs = load_specs()
     args = {"config": config, "run_dir": cfg.run_dir, "overrides": list(overrides), "force": force}
-    Registry(cfg.run_dir).clean_stale_builds()  # once, before stages build in parallel threads
     t0 = time.time()
     if mode == "stage":
         if stage is None:
             raise ConfigError("mode 'stage' needs the parameter stage (e.g. --param stage=reward_model_safety)")
-        spec = (specs or STAGES)[stage]
+        spec = STAGES[stage]
         r = round if round is not None else (0 if spec.rounds == "zero" else next_round(cfg))
-        refs = _run_round(cfg, r, [stage], args, retries, specs)
+        refs = _run_round(cfg, r, [stage], args, retries)
     elif mode == "bootstrap":
-        refs = _run_round(cfg, 0, plan(cfg, 0, specs), args, retries, specs)
+        refs = _run_round(cfg, 0, plan(cfg, 0), args, retries)
     elif mode == "full":
         refs = []
         for r in range(0, cfg.rounds + 1):
-            refs += _run_round(cfg, r, plan(cfg, r, specs), args, retries, specs)
+            refs += _run_round(cfg, r, plan(cfg, r), args, retries)
     else:
         r = round if round is not None else next_round(cfg)
         if r < 1:
             raise ConfigError("an iteration is an RLHF round >= 1; use the bootstrap deployment for round 0")
-        refs = _run_round(cfg, r, plan(cfg, r, specs), args, retries, specs)
+        refs = _run_round(cfg, r, plan(cfg, r), args, retries)
     built = sum(not x["cached"] for x in refs)
     logger.info(f"{mode}: {len(refs)} stages ({built} built, {len(refs) - built} cached) in {time.time() - t0:.1f}s")
     return refs

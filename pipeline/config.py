@@ -202,6 +202,7 @@ class GhostAttentionConfig(TrainConfig):
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled assistant turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for assistant turns.")
     eval_dialogues: int = Field(40, ge=1, description="Held-out dialogues for adherence by turn.")
+    synthesis: Literal["attach_to_user", "fresh_context"] = Field("attach_to_user", description="How replies are sampled: the instruction attached to every user message of the dialogue (sec. 3.3), or as the system message of a one-turn context (for models that only obey system messages).")
     checker: str | None = Field(None, description="'module:function(instruction, reply) -> bool' judging adherence; the demo's gold oracle when None.")
     filter_samples: bool = Field(True, description="Keep only synthesized dialogues whose last reply obeys the instruction (needs a checker).")
 

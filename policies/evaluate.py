@@ -103,12 +103,19 @@ def run(ctx: StageContext) -> dict:
 
     # multi-turn instruction adherence (Ghost Attention's target)
     checker = get_checker(ctx)
-    gatt_pool = load_data(ctx, "gatt_eval.jsonl", "gatt")
-    if checker and gatt_pool:
-        adh = adherence_by_turn(models["policy"], tok, gatt_pool, user_pool(ctx), cfg.gatt_turns, cfg.gatt_dialogues, checker,
-                                ctx.config.seed, cfg.max_new_tokens)
-        metrics["gatt_adherence_by_turn"] = adh
+    seen, unseen = load_data(ctx, "gatt_train.jsonl", "gatt"), load_data(ctx, "gatt_eval.jsonl", "gatt")
+    if checker and seen:
+        users = user_pool(ctx, "eval_prompts.jsonl")  # held-out dialogues
+
+        def adherence(pool):
+            return adherence_by_turn(models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, checker,
+                                     ctx.config.seed, cfg.max_new_tokens)
+
+        metrics["gatt_adherence_by_turn"] = adh = adherence(seen)
         metrics["gatt_adherence_late_turns"] = late(adh)
+        if unseen:
+            metrics["gatt_adherence_by_turn_unseen"] = adh_unseen = adherence(unseen)
+            metrics["gatt_adherence_late_turns_unseen"] = late(adh_unseen)
 
     # samples, report and plots
     rows = []

@@ -8,7 +8,8 @@
 3. Training data: the instruction is kept only in the first turn, as the system message (half the
    time in its short form, "Figure: Napoleon."); the loss is zero on every earlier turn, assistant
    messages included, so only the last assistant turn is trained on.
-4. Adherence per turn, before and after, on held-out instructions.
+4. Adherence per turn, before and after, on held-out dialogues: with the training instruction
+   values, and with held-out values (`*_unseen`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,20 @@ def with_instruction(user: str, instructions: Sequence[GattInstruction]) -> str:
     return f"{' '.join(i.text for i in instructions)} {user}"
 
 
+def synthesis_context(instructions, users: Sequence[str], replies: Sequence[str], mode: str) -> list[dict]:
+    """What the model sees when it writes the reply to users[-1] at synthesis time.
+
+    attach_to_user (the paper): the whole dialogue so far, the instruction attached to every user
+    message. fresh_context: the instruction as the system message of a one-turn context, for
+    models that only learned to obey a system message (the demo's tiny Llama, see the README)."""
+    if mode == "fresh_context":
+        return [{"role": "system", "content": system_message(instructions, short=False)}, {"role": "user", "content": users[-1]}]
+    msgs = []
+    for u, a in zip(users[:-1], replies):
+        msgs += [{"role": "user", "content": with_instruction(u, instructions)}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": with_instruction(users[-1], instructions)}]
+
+
 def training_dialogue(system: str, users: Sequence[str], replies: Sequence[str]) -> list[dict]:
     """Instruction only in the first turn (system message); plain user turns after it."""
     msgs = [{"role": "system", "content": system}]
@@ -66,11 +81,11 @@ def get_checker(ctx: StageContext) -> Checker | None:
     return lambda instructions, reply: all(oracle.obeys(i, reply) for i in instructions)
 
 
-def user_pool(ctx: StageContext) -> list[str]:
-    """Single-turn helpful user messages to build dialogues from."""
-    users = [p.messages[0].content for p in load_data(ctx, "prompts.jsonl", "prompt") if not p.is_safety and len(p.messages) == 1]
+def user_pool(ctx: StageContext, name: str = "prompts.jsonl") -> list[str]:
+    """Single-turn helpful user messages to build dialogues from (eval_prompts.jsonl for held-out dialogues)."""
+    users = [p.messages[0].content for p in load_data(ctx, name, "prompt") if not p.is_safety and len(p.messages) == 1]
     if not users:
-        raise StageFailed("ghost_attention needs single-turn, non-safety prompts in prompts.jsonl")
+        raise StageFailed(f"ghost_attention needs single-turn, non-safety prompts in {name}")
     return users
 
 
@@ -112,8 +127,13 @@ def run(ctx: StageContext) -> dict:
     model, tok = load_policy(ctx.input("policy").path, ctx.device)
 
     users = user_pool(ctx)
-    before = adherence_by_turn(model, tok, eval_pool, users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
-                               cfg.max_new_tokens) if checker else []
+    held_out_users = user_pool(ctx, "eval_prompts.jsonl")
+
+    def adherence(m, instructions):  # held-out dialogues, greedy replies, instruction only in the system message
+        return adherence_by_turn(m, tok, instructions, held_out_users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
+                                 cfg.max_new_tokens) if checker else []
+
+    before, before_unseen = adherence(model, pool), adherence(model, eval_pool)
 
     # synthesis: instruction attached to every user message, replies sampled turn by turn, batched
     dialogs = []
@@ -125,13 +145,7 @@ def run(ctx: StageContext) -> dict:
     bar = ctx.progress(cfg.turns, "synthesize turns", unit="turn")
     for t in range(cfg.turns):
         active = [d for d in dialogs if len(d["users"]) > t]
-        convs = []
-        for d in active:
-            msgs = []
-            for u, a in zip(d["users"][:t], d["replies"]):
-                msgs += [{"role": "user", "content": with_instruction(u, d["instructions"])}, {"role": "assistant", "content": a}]
-            msgs.append({"role": "user", "content": with_instruction(d["users"][t], d["instructions"])})
-            convs.append(msgs)
+        convs = [synthesis_context(d["instructions"], d["users"][: t + 1], d["replies"], cfg.synthesis) for d in active]
         replies = sample_replies(model, tok, convs, 1, cfg.max_new_tokens, cfg.temperature, ctx.seed + 100 + t)
         for d, r in zip(active, replies):
             d["replies"].append(r[0] or "...")
@@ -156,8 +170,7 @@ def run(ctx: StageContext) -> dict:
     model = merge_lora(model).eval()
     save_policy(model, tok, ctx.out_dir)
 
-    after = adherence_by_turn(model, tok, eval_pool, users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
-                              cfg.max_new_tokens) if checker else []
+    after, after_unseen = adherence(model, pool), adherence(model, eval_pool)
     metrics = {
         "n_dialogues": len(dialogs),
         "n_trained": len(kept),
@@ -168,6 +181,8 @@ def run(ctx: StageContext) -> dict:
     }
     if checker:
         metrics.update({"adherence_by_turn_before": before, "adherence_by_turn_after": after,
-                        "adherence_late_before": late(before), "adherence_late_after": late(after)})
+                        "adherence_late_before": late(before), "adherence_late_after": late(after),
+                        "adherence_by_turn_unseen_before": before_unseen, "adherence_by_turn_unseen_after": after_unseen,
+                        "adherence_late_unseen_before": late(before_unseen), "adherence_late_unseen_after": late(after_unseen)})
     write_json(ctx.out_dir / "adherence.json", {k: v for k, v in metrics.items() if k.startswith("adherence")})
     return metrics

@@ -1,0 +1,95 @@
+"""Peak memory of one PPO step, in model copies: LoRA (reference = adapters off, value head on the
+shared trunk) against full fine-tuning with a frozen reference copy.
+
+    python bench/bench_ppo_memory.py [--hidden 1024 --layers 8] [--lora]
+
+Runs in a fresh process per variant; measures peak resident memory (CPU) or peak allocated memory
+(CUDA) above the baseline before the model is built, divided by the size of one copy of the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, resp_len: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.config import LoraConfig
+    from policies.ppo import ValueHead, build_batch, forward_policy
+    from policies.ppo_math import gae, kl_penalty, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
+    from policies.trainer import apply_lora
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    base = rss_bytes() if device == "cpu" else 0
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), max_position_embeddings=1024)
+    policy = LlamaForCausalLM(cfg).to(device)
+    copy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
+    ref = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = apply_lora(policy, LoraConfig(enabled=lora), device)
+    head = ValueHead(hidden).to(device)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    prompts = [torch.randint(0, 8192, (prompt_len,)).tolist() for _ in range(batch)]
+    responses = [torch.randint(0, 8192, (resp_len,)).tolist() for _ in range(batch)]
+    b = {k: v.to(device) for k, v in build_batch(prompts, responses, 0).items()}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the second step has optimiser state
+        with torch.no_grad():
+            old_logp, _, old_v = forward_policy(policy, head, None, b)
+            if ref is not None:
+                ref_logp, _, _ = forward_policy(ref, None, None, b, with_values=False)
+            else:
+                with policy.disable_adapter():
+                    ref_logp, _, _ = forward_policy(policy, None, None, b, with_values=False)
+            rewards = per_token_rewards(torch.randn(batch, device=device), kl_penalty(old_logp, ref_logp), b["mask"], 0.01)
+            adv, ret = gae(rewards, old_v, b["mask"])
+            adv = masked_whiten(adv, b["mask"])
+        logp, _, v = forward_policy(policy, head, None, b)
+        loss = ppo_clip_loss(logp, old_logp, adv, b["mask"])[0] + 0.1 * value_loss(v, old_v, ret, b["mask"])[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes() - base
+    return {"device": device, "lora": lora, "params_M": round(copy_bytes / 4e6, 1), "peak_model_copies": round(peak / copy_bytes, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--resp-len", type=int, default=64)
+    ap.add_argument("--variant", choices=["lora", "full"], help="run one variant in this process (internal)")
+    args = ap.parse_args()
+    if args.variant:
+        print(json.dumps(one_step(args.hidden, args.layers, args.variant == "lora", args.batch, args.prompt_len, args.resp_len)))
+        return
+    out = []
+    for variant in ("lora", "full"):  # a fresh process each, so peaks do not mix
+        cmd = [sys.executable, __file__, "--variant", variant, "--hidden", str(args.hidden), "--layers", str(args.layers),
+               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--resp-len", str(args.resp_len)]
+        out.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

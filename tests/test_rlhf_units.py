@@ -1,0 +1,149 @@
+"""Unit checks of the RLHF stages' own logic on tiny real models: the PPO reference policy, Ghost
+Attention's data and loss mask, evaluate's win rate, LoRA and QLoRA handling."""
+import random
+
+import pytest
+import torch
+
+from pipeline.chat import IGNORE, encode_dialogue
+from pipeline.config import LoraConfig
+from pipeline.context import StageFailed
+from tests.helpers import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _ppo_batch(tok, n=4):
+    from policies.ppo import build_batch
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, len(tok)) for _ in range(rng.randint(3, 8))] for _ in range(n)]
+    responses = [[rng.randrange(5, len(tok)) for _ in range(rng.randint(1, 6))] for _ in range(n)]
+    return build_batch(prompts, responses, tok.pad_token_id)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_reference_logprobs_do_not_move_during_ppo(tok, lora):
+    import copy
+
+    from policies.ppo import ValueHead, forward_policy
+    from policies.ppo_math import ppo_clip_loss
+    from policies.trainer import apply_lora
+
+    policy = tiny_llama(tok)
+    ref = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
+    policy = apply_lora(policy, LoraConfig(enabled=lora, r=4, alpha=8, dropout=0.0), "cpu")
+    head = ValueHead(policy.config.hidden_size)
+    batch = _ppo_batch(tok)
+
+    def ref_logp():
+        with torch.no_grad():
+            if ref is not None:
+                return forward_policy(ref, None, None, batch, with_values=False)[0]
+            with policy.disable_adapter():
+                return forward_policy(policy, None, None, batch, with_values=False)[0]
+
+    before_ref = ref_logp()
+    with torch.no_grad():
+        before_pol = forward_policy(policy, head, None, batch)[0]
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        logp, _, _ = forward_policy(policy, head, None, batch)
+        loss, _, _ = ppo_clip_loss(logp, before_pol, torch.ones_like(logp), batch["mask"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after_pol = forward_policy(policy, head, None, batch)[0]
+    assert torch.equal(ref_logp(), before_ref)  # pi_0 is untouched
+    assert not torch.allclose(after_pol, before_pol)  # while the policy moved
+
+
+def test_gatt_training_dialogue_keeps_instruction_in_first_turn_and_trains_last_turn(tok):
+    from data_specs.demo.world import DemoWorld
+    from policies.ghost_attention import system_message, training_dialogue, with_instruction
+
+    world = DemoWorld(0)
+    ins = [i for i in world.gatt_instructions("train") if i.category == "public_figure"][:1]
+    users = ["What is 7 plus 5?", "What is 3 plus 4?", "What is 9 minus 2?"]
+    replies = [world.apply_all(ins, r) for r in ("7 plus 5 is 12.", "3 plus 4 is 7.", "9 minus 2 is 7.")]
+    assert all(ins[0].text in with_instruction(u, ins) for u in users)  # synthesis time: attached to every user turn
+    msgs = training_dialogue(system_message(ins, short=True), users, replies)
+    assert msgs[0] == {"role": "system", "content": ins[0].short}
+    assert not any(ins[0].text in m["content"] or ins[0].short in m["content"] for m in msgs[1:] if m["role"] == "user")
+    ids, labels = encode_dialogue(tok, msgs, train_on="last")
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE])
+    assert trained.strip() == replies[-1] + " </s>"  # only the last assistant turn, earlier turns masked
+    first = next(j for j, l in enumerate(labels) if l != IGNORE)
+    assert all(l == IGNORE for l in labels[:first])
+
+
+def test_gatt_combines_and_shortens_instructions():
+    from data_specs.demo.world import DemoWorld
+    from policies.ghost_attention import combine_instructions, system_message
+
+    pool = DemoWorld(0).gatt_instructions("train")
+    rng = random.Random(0)
+    combos = [combine_instructions(pool, 2, rng) for _ in range(200)]
+    assert all(len({i.category for i in c}) == len(c) for c in combos)  # never two of one category
+    assert {len(c) for c in combos} == {1, 2}
+    c = next(c for c in combos if any(i.category == "public_figure" for i in c))
+    fig = next(i for i in c if i.category == "public_figure")
+    assert f"Figure: {fig.value}." in system_message(c, short=True) and "Always act as" in system_message(c, short=False)
+
+
+def test_win_rate_of_a_policy_against_itself_is_half(tok):
+    from policies.evaluate import win_rate
+    from policies.generation import SamplingParams, generate
+    from reward_models.model import score
+
+    r = torch.randn(500)
+    assert win_rate(r, r) == 0.5
+    assert win_rate(r + 1, r) == 1.0 and win_rate(r - 1, r) == 0.0
+    # two independent samples of one policy, scored by one reward model: about half
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    policy = tiny_llama(tok, seed=1)
+    torch.manual_seed(2)
+    rm = LlamaForSequenceClassification(LlamaConfig(**{**policy.config.to_dict(), "num_labels": 1}))
+    prompts = [[{"role": "user", "content": f"What is {a} plus {b}?"}] for a in range(1, 21) for b in range(1, 11)]
+    from pipeline.chat import encode_prompt
+
+    ids = [encode_prompt(tok, p) for p in prompts]
+    outs = [generate(policy, ids, SamplingParams(max_new_tokens=8, temperature=1.0, seed=s), pad_token_id=tok.pad_token_id)
+            for s in (10, 11)]
+    texts = [[tok.decode(o[0], skip_special_tokens=True) or "x" for o in out] for out in outs]
+    a, b = (score(rm, tok, prompts, t, 64) for t in texts)
+    assert abs(win_rate(a, b) - 0.5) < 0.1
+
+
+def test_qlora_on_cpu_is_a_clear_error(tok):
+    from policies.trainer import apply_lora
+
+    with pytest.raises(StageFailed, match="QLoRA.*CUDA"):
+        apply_lora(tiny_llama(tok), LoraConfig(enabled=True, quantize_4bit=True), "cpu")
+
+
+def test_lora_training_merges_into_a_plain_model(tok):
+    from policies.trainer import apply_lora, merge_lora
+
+    model = tiny_llama(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    peft_model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0), "cpu")
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids, labels = encode_dialogue(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = peft_model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    merged = merge_lora(peft_model)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    after = merged.state_dict()
+    assert set(after) == set(before)
+    assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
