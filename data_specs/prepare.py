@@ -32,7 +32,8 @@ def run(ctx: StageContext) -> dict:
         from .demo.generate import write_demo_data
 
         write_demo_data(ctx.out_dir, seed=ctx.config.seed, n_sft=data.demo_n_sft, n_train_prompts=data.demo_n_train_prompts,
-                        n_eval_prompts=data.demo_n_eval_prompts, n_pretrain_docs=data.demo_n_pretrain_docs)
+                        n_eval_prompts=data.demo_n_eval_prompts, n_pretrain_docs=data.demo_n_pretrain_docs,
+                        sft_ramble_frac=data.demo_sft_ramble_frac)
     else:
         loaded = {}
         problems = []

@@ -110,6 +110,7 @@ class DataConfig(_Cfg):
     demo_n_train_prompts: int = Field(2000, ge=10, description="Prompts for preference collection, rejection sampling and PPO.")
     demo_n_eval_prompts: int = Field(300, ge=10, description="Held-out evaluation prompts.")
     demo_n_pretrain_docs: int = Field(30000, ge=10, description="Raw-text documents for demo pretraining.")
+    demo_sft_ramble_frac: float = Field(0.0, ge=0, le=1, description="Share of demo SFT answers that ramble with filler sentences (imperfect vendor curation; headroom for RLHF).")
     sft: DataSource | None = Field(None, description="SFT examples (source 'files').")
     prompts: DataSource | None = Field(None, description="Prompts for RS / PPO / preference collection (source 'files').")
     eval_prompts: DataSource | None = Field(None, description="Held-out prompts for evaluation (source 'files').")
@@ -163,6 +164,7 @@ class RejectionSamplingConfig(TrainConfig):
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
     keep_all_rounds: bool = Field(True, description="Train on the best samples of all earlier rounds too (sec. 3.2.3, from RLHF-V3).")
     safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate on the safety score (sec. 3.2.3: 0.15).")
+    min_reward_gap: float = Field(0.0, ge=0, description="Keep a prompt's best sample only when its combined reward beats the prompt's median by at least this much; 0 keeps every prompt (the paper). Skips prompts the reward models cannot tell apart.")
 
 
 class PPOConfig(_Cfg):

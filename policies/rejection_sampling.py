@@ -81,6 +81,8 @@ def run(ctx: StageContext) -> dict:
                      "candidates": cand_rows, "kept": best})
         selected.append({"prompt_id": p.id, "prompt": dialogues[i], "response": cands[best][0], "reward": cand_rows[best]["reward"],
                          "round": ctx.round})
+    gaps = rewards.max(dim=1).values - rewards.median(dim=1).values
+    selected = [s for s, gap in zip(selected, gaps.tolist()) if gap >= cfg.min_reward_gap]
     write_jsonl(ctx.out_dir / "samples.jsonl", rows)
     write_jsonl(ctx.out_dir / "selected.jsonl", selected)
 
@@ -111,6 +113,7 @@ def run(ctx: StageContext) -> dict:
         "n_prompts": len(prompts),
         "k": K,
         "n_train_examples": len(unique),
+        "n_kept_prompts": len(selected),
         "n_from_earlier_rounds": sum(s["round"] != ctx.round for s in unique),
         "train_loss": train_metrics["train_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],

@@ -149,9 +149,11 @@ def _instructions(pool: Sequence[GattInstruction], rng: random.Random) -> list[G
     return [rng.choice([i for i in pool if i.category == c]) for c in cats]
 
 
-def sft_examples(world: DemoWorld, n: int, rng: random.Random, multiturn_frac: float) -> list[SFTExample]:
-    """Curated ideal answers: multi-turn without a system message, single-turn under a system
-    instruction that the answer obeys (verbose or short form), and plain single-turn."""
+def sft_examples(world: DemoWorld, n: int, rng: random.Random, multiturn_frac: float, ramble_frac: float = 0.0) -> list[SFTExample]:
+    """Curated answers: multi-turn without a system message, single-turn under a system
+    instruction that the answer obeys (verbose or short form), and plain single-turn. Like vendor
+    data, curation is imperfect: a share `ramble_frac` of plain answers ramble on with filler
+    sentences, which annotators (and so the reward models) dislike: headroom RLHF can recover."""
     train_gatt = world.gatt_instructions("train")
     out = []
     for _ in range(n):
@@ -166,7 +168,11 @@ def sft_examples(world: DemoWorld, n: int, rng: random.Random, multiturn_frac: f
             source = "demo-sft-system"
         else:
             p, source = _sample(world, rng, False), "demo-sft"
-        out.append(SFTExample(messages=[*p.messages, Message(role="assistant", content=world.ideal_response(p))], source=source))
+        answer = world.ideal_response(p)
+        if source == "demo-sft" and not p.is_safety and rng.random() < ramble_frac:
+            answer = " ".join([answer] + [world.filler(rng) for _ in range(rng.randint(1, 2))])
+            source = "demo-sft-rambling"
+        out.append(SFTExample(messages=[*p.messages, Message(role="assistant", content=answer)], source=source))
     return out
 
 
@@ -187,7 +193,8 @@ def eval_comparisons(world: DemoWorld, prompts: Sequence[Prompt], n: int, rng: r
 
 
 def write_demo_data(out_dir, *, seed: int = 0, n_sft: int = 27000, n_train_prompts: int = 2000, n_eval_prompts: int = 300,
-                    n_pretrain_docs: int = 30000, n_multiturn_frac: float = 0.15, n_eval_comparisons: int = 600) -> dict[str, Path]:
+                    n_pretrain_docs: int = 30000, n_multiturn_frac: float = 0.15, n_eval_comparisons: int = 600,
+                    sft_ramble_frac: float = 0.0) -> dict[str, Path]:
     """Write every demo dataset under `out_dir`; returns name -> path. Same seed => identical bytes."""
     if not 0.0 <= n_multiturn_frac <= 1.0 - SYSTEM_FRAC:
         raise ValueError(f"n_multiturn_frac must be in [0, {1.0 - SYSTEM_FRAC}], got {n_multiturn_frac}")
@@ -200,7 +207,7 @@ def write_demo_data(out_dir, *, seed: int = 0, n_sft: int = 27000, n_train_promp
 
     docs = pretrain_docs(world, n_pretrain_docs, rng("pretrain"), n_multiturn_frac)
     atomic_write_text(paths["pretrain"], "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-    write_jsonl(paths["sft"], sft_examples(world, n_sft, rng("sft"), n_multiturn_frac))
+    write_jsonl(paths["sft"], sft_examples(world, n_sft, rng("sft"), n_multiturn_frac, sft_ramble_frac))
     write_jsonl(paths["prompts"], _prompts(world, n_train_prompts, rng("prompts"), False, n_multiturn_frac))
     evals = _prompts(world, n_eval_prompts, rng("eval"), True, n_multiturn_frac)
     write_jsonl(paths["eval_prompts"], evals)
