@@ -61,7 +61,8 @@ def run(ctx: StageContext) -> dict:
     for name, art in policies.items():
         model, tok = load_policy(art.path, device)
         models[name] = model
-        replies[name] = [r[0] for r in sample_replies(model, tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.seed)]
+        # the same prompts and sampling seed every round, so rounds are compared on equal terms
+        replies[name] = [r[0] for r in sample_replies(model, tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed)]
         scores[name] = scorer.score(dialogues, replies[name], safety, whiten=False)
     mine = scores["policy"]
     metrics: dict = {
@@ -97,6 +98,8 @@ def run(ctx: StageContext) -> dict:
         metrics.update(gold["policy"])
         metrics.update({f"sft_{k}": v for k, v in gold["sft"].items()})
         metrics.update({f"previous_{k}": v for k, v in gold["previous"].items()})
+        greedy = [r[0] for r in sample_replies(models["policy"], tok, dialogues, 1, cfg.max_new_tokens, 0.0, ctx.config.seed)]
+        metrics["gold_helpfulness_greedy"] = gold_report(oracle, prompts, greedy)["gold_helpfulness"]
         reward_up = metrics["mean_reward"] > metrics["mean_reward_previous"]
         gold_down = gold["policy"]["gold_helpfulness"] < gold["previous"]["gold_helpfulness"] - cfg.hacking_tolerance
         metrics["reward_hacking"] = bool(reward_up and gold_down)

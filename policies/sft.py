@@ -45,11 +45,13 @@ def run(ctx: StageContext) -> dict:
 
 
 def gold_metrics(ctx: StageContext, model, tok, n: int | None = None) -> dict:
-    """Demo only: gold scores of greedy answers on held-out prompts."""
+    """Demo only: gold scores on held-out prompts, sampled the way `evaluate` samples (so the SFT
+    row of the report is comparable), and of greedy answers."""
     oracle = demo_oracle(ctx)
     if oracle is None:
         return {}
     ev = ctx.config.evaluate
     prompts = subsample(load_data(ctx, "eval_prompts.jsonl", "prompt"), n or ev.n_prompts, ctx.config.seed)
-    replies = [r[0] for r in sample_replies(model, tok, dialogues(prompts), 1, ev.max_new_tokens, 0.0, ctx.seed)]
-    return gold_report(oracle, prompts, replies)
+    replies = [r[0] for r in sample_replies(model, tok, dialogues(prompts), 1, ev.max_new_tokens, ev.temperature, ctx.config.seed)]
+    greedy = [r[0] for r in sample_replies(model, tok, dialogues(prompts), 1, ev.max_new_tokens, 0.0, ctx.config.seed)]
+    return {**gold_report(oracle, prompts, replies), "gold_helpfulness_greedy": gold_report(oracle, prompts, greedy)["gold_helpfulness"]}
