@@ -35,10 +35,13 @@ def test_demo_pretraining_learns_the_world(tmp_path):
     texts = [decode_response(tok, o[0]) for o in outs]
     import re
 
-    world_sentence = re.compile(r"^(The (capital|currency|national animal|first letter) of \w+ is|People in \w+ speak|"
-                                r"\d+ (plus|minus) \d+ is|\d+ is larger than|I can't help)")
-    assert all(world_sentence.match(t) for t in texts), texts  # world-like sentences, not noise
-    assert "plus" in texts[1], texts
+    from pipeline.io import read_jsonl
+
+    words = lambda s: re.findall(r"[a-z0-9]+", s.lower())  # noqa: E731
+    corpus = {w for row in read_jsonl(runner.registry.find("data", 0).file("pretrain.jsonl")) for w in words(row["text"])}
+    # world-like text: sentences made of the world's own words (an untrained model emits BPE noise)
+    assert all(len(words(t)) >= 3 and set(words(t)) <= corpus for t in texts), texts
+    assert any(t.startswith("The capital of") for t in texts), texts
 
 
 def _tiny_checkpoint(path, arch="llama"):
