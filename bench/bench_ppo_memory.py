@@ -3,14 +3,16 @@ shared trunk) against full fine-tuning with a frozen reference copy.
 
     python bench/bench_ppo_memory.py [--hidden 1024 --layers 8] [--lora]
 
-Runs in a fresh process per variant; measures peak resident memory (CPU) or peak allocated memory
-(CUDA) above the baseline before the model is built, divided by the size of one copy of the weights.
+Runs in a fresh process per variant; measures peak allocated memory (CUDA) or, on the CPU, the
+largest resident memory sampled after the forward, backward and optimiser step, above the baseline
+before the model is built, divided by the size of one copy of the weights.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """Current resident memory (Linux). Sampled at the points of a step where memory peaks: the
+    high-water mark (ru_maxrss) would also count the temporaries of building the model."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, resp_len: int) -> dict:
@@ -51,6 +56,7 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
     b = {k: v.to(device) for k, v in build_batch(prompts, responses, 0).items()}
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    samples = []
     for _ in range(2):  # the second step has optimiser state
         with torch.no_grad():
             old_logp, _, old_v = forward_policy(policy, head, None, b)
@@ -64,10 +70,13 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
             adv = masked_whiten(adv, b["mask"])
         logp, _, v = forward_policy(policy, head, None, b)
         loss = ppo_clip_loss(logp, old_logp, adv, b["mask"])[0] + 0.1 * value_loss(v, old_v, ret, b["mask"])[0]
+        samples.append(rss_bytes())  # activations alive
         opt.zero_grad()
         loss.backward()
+        samples.append(rss_bytes())  # gradients
         opt.step()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss_bytes() - base
+        samples.append(rss_bytes())  # optimiser state
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max(samples) - base
     return {"device": device, "lora": lora, "params_M": round(copy_bytes / 4e6, 1), "peak_model_copies": round(peak / copy_bytes, 2)}
 
 
@@ -87,7 +96,10 @@ def main() -> None:
     for variant in ("lora", "full"):  # a fresh process each, so peaks do not mix
         cmd = [sys.executable, __file__, "--variant", variant, "--hidden", str(args.hidden), "--layers", str(args.layers),
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--resp-len", str(args.resp_len)]
-        out.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]))
+        # a fixed mmap threshold makes glibc hand freed tensors back to the OS, so resident memory
+        # follows live tensors instead of the allocator's high-water mark
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out.append(json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]))
     print(json.dumps(out))
 
 
