@@ -35,8 +35,8 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.config import LoraConfig
-    from policies.ppo import ValueHead, build_batch, forward_policy
-    from policies.ppo_math import gae, kl_penalty, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
+    from policies.ppo import ValueHead, advantages, build_batch, forward_policy
+    from policies.ppo_math import ppo_clip_loss, value_loss
     from policies.trainer import apply_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,16 +58,7 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
         torch.cuda.reset_peak_memory_stats()
     samples = []
     for _ in range(2):  # the second step has optimiser state
-        with torch.no_grad():
-            old_logp, _, old_v = forward_policy(policy, head, None, b)
-            if ref is not None:
-                ref_logp, _, _ = forward_policy(ref, None, None, b, with_values=False)
-            else:
-                with policy.disable_adapter():
-                    ref_logp, _, _ = forward_policy(policy, None, None, b, with_values=False)
-            rewards = per_token_rewards(torch.randn(batch, device=device), kl_penalty(old_logp, ref_logp), b["mask"], 0.01)
-            adv, ret = gae(rewards, old_v, b["mask"])
-            adv = masked_whiten(adv, b["mask"])
+        old_logp, old_v, _, adv, ret = advantages(policy, head, None, ref, b, torch.randn(batch, device=device), 0.01)
         logp, _, v = forward_policy(policy, head, None, b)
         loss = ppo_clip_loss(logp, old_logp, adv, b["mask"])[0] + 0.1 * value_loss(v, old_v, ret, b["mask"])[0]
         samples.append(rss_bytes())  # activations alive

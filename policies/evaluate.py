@@ -16,6 +16,7 @@ from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext
 from pipeline.io import read_json, write_json, write_jsonl
 from pipeline.models import load_policy
+from reward_models.losses import pairwise_accuracy
 
 from data_specs.schemas import messages_to_dicts
 
@@ -28,7 +29,7 @@ HEADLINE = ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rat
 
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of prompts where a's reward beats b's; ties count half."""
-    return float(((a > b).float() + 0.5 * (a == b).float()).mean())
+    return float(pairwise_accuracy(a, b))
 
 
 def sequence_kl(model, ref, tok, dialogues, replies_ids, device: str) -> float:

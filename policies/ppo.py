@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
-
 import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
@@ -31,23 +29,6 @@ from .common import demo_oracle, load_data, subsample
 from .generation import SamplingParams, generate
 from .ppo_math import entropy_from_logits, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
 from .trainer import apply_lora, load_checkpoint, merge_lora, save_checkpoint
-
-
-@dataclass
-class Rollouts:
-    """One PPO batch. B rollouts, T = prompt + response tokens, A = longest response."""
-
-    input_ids: torch.Tensor  # (B, T) prompt then response, right-padded
-    attention_mask: torch.Tensor  # (B, T)
-    response_index: torch.Tensor  # (B, A) position in T of the logit that predicts response token a
-    response_ids: torch.Tensor  # (B, A) response tokens (pad after the end)
-    mask: torch.Tensor  # (B, A) 1 on real response tokens
-    logprobs: torch.Tensor  # (B, A) log pi_old(a|s)
-    ref_logprobs: torch.Tensor  # (B, A) log pi_0(a|s)
-    values: torch.Tensor  # (B, A) V_old(s)
-    scores: torch.Tensor  # (B,) whitened combined reward
-    advantages: torch.Tensor | None = None  # (B, A)
-    returns: torch.Tensor | None = None  # (B, A)
 
 
 class ValueHead(torch.nn.Module):
@@ -66,7 +47,7 @@ def _lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def forward_policy(model, head, critic, batch: Rollouts | dict, with_values: bool = True):
+def forward_policy(model, head, critic, batch: dict, with_values: bool = True):
     """Per-response-token (logprobs, entropy, values), each (B, A). Logits and values come from one
     pass through the shared trunk (or a separate critic trunk when configured)."""
     ids, attn, index, resp = batch["input_ids"], batch["attention_mask"], batch["response_index"], batch["response_ids"]
@@ -88,6 +69,11 @@ def forward_policy(model, head, critic, batch: Rollouts | dict, with_values: boo
 
 
 def build_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """One PPO batch of B rollouts; T = prompt + response tokens, A = longest response.
+
+    input_ids (B, T): prompt then response, right-padded; attention_mask (B, T);
+    response_index (B, A): position in T of the logit that predicts response token a;
+    response_ids (B, A): response tokens, pad after the end; mask (B, A): 1 on real response tokens."""
     B = len(prompt_ids)
     A = max(1, max(len(r) for r in responses))
     T = max(len(p) + len(r) for p, r in zip(prompt_ids, responses))
@@ -106,6 +92,24 @@ def build_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id:
             resp[i, :n] = torch.tensor(r)
             mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": attn, "response_index": index, "response_ids": resp, "mask": mask}
+
+
+@torch.no_grad()
+def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, beta: float, gamma: float = 1.0, lam: float = 0.95):
+    """The no-grad half of a PPO iteration: old log-probs and values, KL to pi_0 (a frozen `ref`, or
+    the policy with its adapters disabled when `ref` is None), per-token rewards, GAE, whitened
+    advantages. Returns (old_logp, old_values, kl, advantages, returns), each (B, A)."""
+    mask = batch["mask"]
+    old_logp, _, old_values = forward_policy(policy, head, critic, batch)
+    if ref is not None:
+        ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False)
+    else:
+        with policy.disable_adapter():
+            ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False)
+    kl = kl_penalty(old_logp, ref_logp, "k1")
+    rewards = per_token_rewards(scores, kl, mask, beta)
+    adv, returns = gae(rewards, old_values * mask, mask, gamma, lam)
+    return old_logp, old_values, kl, masked_whiten(adv, mask), returns
 
 
 def _select(batch: dict, idx: torch.Tensor) -> dict:
@@ -164,17 +168,8 @@ def run(ctx: StageContext) -> dict:
         batch = {k: v.to(device) for k, v in build_batch(prompt_ids, responses, tok.pad_token_id).items()}
         mask = batch["mask"]
 
-        with torch.no_grad():
-            old_logp, _, old_values = forward_policy(policy, head, critic, batch)
-            if ref is not None:
-                ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False)
-            else:
-                with policy.disable_adapter():
-                    ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False)
-            kl = kl_penalty(old_logp, ref_logp, "k1")  # (B, A)
-            rewards = per_token_rewards(sc.combined.to(device), kl, mask, cfg.beta)
-            adv, returns = gae(rewards, old_values * mask, mask, cfg.gamma, cfg.lam)
-            adv = masked_whiten(adv, mask)
+        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, sc.combined.to(device), cfg.beta,
+                                                            cfg.gamma, cfg.lam)
 
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
         n_updates = 0

@@ -23,7 +23,7 @@ from pipeline.models import save_policy
 from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
 from .data import holdout, mix_for
-from .losses import margin_for, ranking_loss
+from .losses import margin_for, pairwise_accuracy, ranking_loss
 from .model import encode_pair, forward_rewards, load_reward_model, score
 
 
@@ -163,14 +163,14 @@ def accuracy_report(model, tok, comparisons: list[Comparison], max_length: int, 
     prompts = [messages_to_dicts(c.prompt) for c in comparisons]
     rc = score(model, tok, prompts, [c.chosen for c in comparisons], max_length, device)
     rr = score(model, tok, prompts, [c.rejected for c in comparisons], max_length, device)
-    right = (rc > rr).float() + 0.5 * (rc == rr).float()
-    out = {"accuracy": float(right.mean()), "mean_margin": float((rc - rr).mean()), "n_eval": len(comparisons)}
+    out = {"accuracy": float(pairwise_accuracy(rc, rr)), "mean_margin": float((rc - rr).mean()), "n_eval": len(comparisons)}
     by = {}
     for s in STRENGTHS:
         sel = [i for i, c in enumerate(comparisons) if (c.strength or STRENGTHS[-1]) == s]
         if sel:
-            out[f"accuracy_{s.value}"] = float(right[sel].mean())
-            by[s.value] = {"accuracy": float(right[sel].mean()), "n": len(sel)}
+            acc = float(pairwise_accuracy(rc[sel], rr[sel]))
+            out[f"accuracy_{s.value}"] = acc
+            by[s.value] = {"accuracy": acc, "n": len(sel)}
     out["accuracy_by_strength"] = by
     edges = torch.linspace(float(torch.minimum(rc.min(), rr.min())), float(torch.maximum(rc.max(), rr.max())) + 1e-6, 21)
     out["reward_histogram"] = {"edges": edges.tolist(), "chosen": torch.histogram(rc, edges).hist.tolist(),
