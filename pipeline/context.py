@@ -69,6 +69,30 @@ class StageContext:
         if self.log_fn is not None:
             self.log_fn(metrics, step)
 
+    def resume_metrics(self, step: int) -> int:
+        """Cut the metrics history back to rows logged before `step` (a resumed run logs them again).
+
+        Call it right after loading a checkpoint saved at `step`; rows without a step are kept.
+        Returns how many rows were dropped."""
+        path = self.work_dir / "metrics.jsonl"
+        if not path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                dropped += 1
+                continue
+            if row.get("step") is not None and row["step"] >= step:
+                dropped += 1
+            else:
+                kept.append(line)
+        from .io import atomic_write_text
+
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
+        return dropped
+
     def progress(self, total: int | None, desc: str, unit: str = "it"):
         """A progress bar with rate and ETA."""
         from tqdm.auto import tqdm

@@ -165,6 +165,8 @@ class Runner:
         spec = self.spec(stage)
         inputs = self.resolve_inputs(stage, round)
         version = self.version(stage, round, inputs)
+        if spec.check is not None:  # bad user input stops here, before anything is written
+            _import_entry(spec.check)(self.cfg, round)
         existing = self.registry.find(stage, round, version)
         if existing is not None and not force:
             self.echo(f"[cached] {stage} round {round} ({version})")
@@ -227,14 +229,19 @@ class Runner:
 
 
 def _entry(spec: StageSpec) -> Callable[[StageContext], dict]:
-    if callable(spec.entry):
-        return spec.entry
-    module, _, func = spec.entry.partition(":")
+    return _import_entry(spec.entry, spec.name)
+
+
+def _import_entry(entry: str | Callable, name: str = "") -> Callable:
+    """A callable, or the function named by "package.module:function"."""
+    if callable(entry):
+        return entry
+    module, _, func = entry.partition(":")
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and module.startswith(e.name):
-            raise StageFailed(f"stage {spec.name} is not implemented in this version (module {module} is missing)") from e
+            raise StageFailed(f"stage {name} is not implemented in this version (module {module} is missing)") from e
         raise
     return getattr(mod, func)
 

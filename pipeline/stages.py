@@ -24,6 +24,9 @@ class StageSpec:
     rounds: str = "rlhf"  # "zero": round 0 only; "rlhf": rounds >= 1
     description: str = ""
     external: Callable[[RunConfig, int], dict] | None = None  # digests of files outside the registry it reads
+    # "module:function" or callable(cfg, round): validates user inputs (files, config) before any work
+    # is done or anything is written; raises StageFailed naming the file, line and field.
+    check: str | Callable[[RunConfig, int], None] | None = None
 
 
 # Modules every model stage depends on (chat formatting, model loading, training loop).
