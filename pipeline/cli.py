@@ -28,6 +28,18 @@ app.add_typer(data_app, name="data")
 ConfigOpt = typer.Option("demo", "--config", "-c", help="Preset name (demo, llama2-7b, ...) or path to a YAML file.")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: the config's run_dir, runs/demo for the demo).")
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set sft.learning_rate=1e-5 (repeatable).")
+InputOpt = typer.Option(None, "--input", help="Build on a specific existing artifact instead of the version the config implies: "
+                        "STAGE=VERSION or ROLE=VERSION (a unique prefix is enough; repeatable; recorded in the manifest).")
+
+
+def _pins(inputs: list[str] | None) -> dict[str, str]:
+    pins = {}
+    for item in inputs or []:
+        key, sep, version = item.partition("=")
+        if not sep or not key or not version:
+            _fail(f"error: --input {item!r}: expected STAGE=VERSION, e.g. --input sft=3fa2c1d0e9b8")
+        pins[key.strip()] = version.strip()
+    return pins
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -44,11 +56,18 @@ def _load(config: str, overrides: list[str] | None, **top):
         _fail(f"error: {e}")
 
 
-def _runner(cfg, echo=True):
+def _runner(cfg, echo=True, pins=None):
     from .runner import Runner
     from .tracking import tracker_factory
 
-    return Runner(cfg, tracker_factory=tracker_factory(cfg), echo=(lambda s: typer.echo(s)) if echo else None)
+    try:
+        return Runner(cfg, tracker_factory=tracker_factory(cfg), echo=(lambda s: typer.echo(s)) if echo else None, pins=pins)
+    except ValueError as e:
+        _fail(f"error: {e}")
+
+
+def _interrupted(stage_desc: str) -> None:
+    _fail(f"interrupted: {stage_desc}; the attempt is recorded as interrupted, rerun the same command to resume", 143)
 
 
 @app.command()
@@ -58,19 +77,22 @@ def run(
     run_dir: Optional[str] = RunDirOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage even if a complete artifact exists."),
+    input_: Optional[List[str]] = InputOpt,
 ) -> None:
     """Run the whole pipeline, stage after stage, skipping what is already complete."""
     from .context import StageFailed
-    from .runner import MissingInputError
+    from .errors import Interrupted
 
     cfg = _load(config, set_, run_dir=run_dir, rounds=rounds)
-    runner = _runner(cfg)
+    runner = _runner(cfg, pins=_pins(input_))
     t0 = time.time()
     typer.echo(f"run {cfg.name}: {cfg.rounds} rounds, run dir {cfg.run_dir}")
     try:
         results = runner.run_all(force=force)
-    except (StageFailed, MissingInputError) as e:
+    except StageFailed as e:
         _fail(f"error: {e}", 1)
+    except Interrupted:
+        _interrupted(f"rlhf run --run-dir {cfg.run_dir}")
     built = sum(not r.cached for r in results)
     typer.echo(f"finished: {len(results)} stages ({built} built, {len(results) - built} cached) in {time.time() - t0:.1f}s")
 
@@ -83,20 +105,24 @@ def stage(
     config: str = ConfigOpt,
     run_dir: Optional[str] = RunDirOpt,
     set_: Optional[List[str]] = SetOpt,
-    force: bool = typer.Option(False, "--force", help="Recompute even if a complete artifact with this version exists."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if a complete artifact with this version exists "
+                               "(also replaces a corrupt or tampered copy and discards resume checkpoints)."),
+    input_: Optional[List[str]] = InputOpt,
 ) -> None:
-    """Run (or rerun) one stage; its inputs come from the registry."""
+    """Run (or rerun) one stage; its inputs are the versions the config implies (or --input), read from the registry."""
     from .context import StageFailed
-    from .runner import MissingInputError
+    from .errors import Interrupted
     from .stages import STAGES
 
     if name not in STAGES:
         _fail(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}")
     cfg = _load(config, set_, run_dir=run_dir)
     try:
-        res = _runner(cfg).run_stage(name, round, force=force)
-    except (StageFailed, MissingInputError, ValueError) as e:
+        res = _runner(cfg, pins=_pins(input_)).run_stage(name, round, force=force)
+    except (StageFailed, ValueError) as e:
         _fail(f"error: {e}", 1)
+    except Interrupted:
+        _interrupted(f"stage {name} round {round}")
     typer.echo(json.dumps({"stage": name, "round": round, "version": res.artifact.version, "cached": res.cached,
                            "path": str(res.artifact.path), "metrics": _headline(res.artifact)}, default=str))
 
@@ -125,9 +151,10 @@ def status_rows(run_dir: str) -> list[dict]:
     for att in reg.attempts():
         key = (att["stage"], att["round"])
         # a running or failed attempt matters unless it produced the artifact already shown
-        if att.get("status") in ("running", "failed") and shown.get(key) != att.get("version"):
+        if att.get("status") in ("running", "failed", "interrupted") and shown.get(key) != att.get("version"):
             rows.append({"stage": att["stage"], "round": att["round"], "version": att.get("version"), "status": att["status"],
-                         "inputs": {}, "metrics": {}, "error": att.get("error"), "duration_s": None, "path": None})
+                         "inputs": {}, "metrics": {}, "error": att.get("error"), "duration_s": None, "path": None,
+                         "lease": att.get("lease")})
     from .stages import STAGES
 
     order = {s: i for i, s in enumerate(STAGES)}
@@ -160,14 +187,53 @@ def status(
         spec = STAGES.get(r["stage"])
         keys = spec.headline if spec else ()
         shown = ", ".join(f"{k}={_fmt(r['metrics'][k])}" for k in keys if k in r["metrics"]) or (r.get("error") or "")[:80]
+        if r.get("lease"):
+            shown = f"lease held by {r['lease']}"
         dur = f"{r['duration_s']:.1f}s" if r.get("duration_s") is not None else ""
-        color = {"complete": "green", "running": "yellow", "failed": "red"}.get(r["status"], "white")
+        color = {"complete": "green", "running": "yellow", "failed": "red", "interrupted": "magenta"}.get(r["status"], "white")
         table.add_row(str(r["round"]), r["stage"], f"[{color}]{r['status']}[/{color}]", r["version"] or "", dur, shown)
     Console(width=max(150, Console().width)).print(table)
 
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def verify(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory to check."),
+    fast: bool = typer.Option(False, "--fast", help="Trust files whose size and mtime match the manifest (no hashing)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the problems as JSON."),
+) -> None:
+    """Check every artifact against its manifest's checksums; list corrupt manifests, leftover builds,
+    stale leases and interrupted builds. Exit 1 when anything is wrong."""
+    from .registry import Registry
+
+    reg = Registry(run_dir)
+    problems = reg.scan(full=not fast)
+    n = sum(1 for _ in reg.iter_artifacts())
+    if as_json:
+        typer.echo(json.dumps({"run_dir": run_dir, "artifacts": n, "problems": problems}, indent=1))
+    else:
+        for p in problems:
+            typer.echo(f"{p['kind']}: {p['path']}: {p['detail']} -> {p['fix']}")
+        typer.echo(f"{n} artifacts checked{' (size and mtime)' if fast else ' (sha256)'}, {len(problems)} problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory to repair."),
+) -> None:
+    """Quarantine corrupt or tampered artifacts, remove leftover builds, stray temporary files and stale
+    leases, and record dead builders as interrupted. Then rerun the stages to rebuild what is missing."""
+    from .registry import Registry
+
+    done = Registry(run_dir).repair()
+    for line in done:
+        typer.echo(line)
+    typer.echo(f"{len(done)} repairs in {run_dir}" if done else f"nothing to repair in {run_dir}")
 
 
 @app.command()

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import RunConfig
+from .errors import StageFailed  # noqa: F401 - stages import it from here
 from .registry import Artifact, Registry
-
-
-class StageFailed(RuntimeError):
-    """A stage stopped on purpose (bad input, a guard tripped): the reason is recorded, no retry helps."""
 
 
 @dataclass

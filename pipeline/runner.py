@@ -8,13 +8,16 @@ heavy is imported); `force=True` rebuilds. A failure leaves no complete-looking 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any, Callable
 
 from .config import RunConfig
 from .context import StageContext, StageFailed
+from .errors import CorruptArtifact, Interrupted
 from .io import sha256_file, stable_hash
 from .registry import Artifact, Registry
 from .stages import STAGES, StageSpec, schedule
@@ -31,7 +35,7 @@ from .stages import STAGES, StageSpec, schedule
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "pydantic")
 
 
-class MissingInputError(RuntimeError):
+class MissingInputError(StageFailed):
     """An input artifact is not in the registry; the message says which command produces it."""
 
 
@@ -115,67 +119,145 @@ def _package_version() -> str:
 
 
 class Runner:
+    """Builds stages. Inputs are pinned: a stage reads exactly the upstream versions that the current
+    config implies (computed recursively, like Make or DVC), or the versions given in `pins`."""
+
     def __init__(self, cfg: RunConfig, specs: dict[str, StageSpec] | None = None, tracker_factory: Callable | None = None,
-                 echo: Callable[[str], None] | None = print, show_progress: bool = True):
+                 echo: Callable[[str], None] | None = print, show_progress: bool = True, pins: dict[str, str] | None = None):
         self.cfg = cfg
         self.specs = specs or STAGES
         self.registry = Registry(cfg.run_dir)
         self.tracker_factory = tracker_factory
         self.echo = echo or (lambda s: None)
         self.show_progress = show_progress
+        self.pins = dict(pins or {})  # stage name or input role -> version (prefix), e.g. {"sft": "3fa2c1"}
+        self._expected: dict[tuple[str, int], str] = {}
+        for key in self.pins:
+            if key not in self.specs and not any(key in s.inputs(cfg, r) for s in self.specs.values() for r in (0, 1, 2)):
+                raise ValueError(f"--input {key}=...: {key!r} is neither a stage nor an input role; stages: {', '.join(self.specs)}")
 
     def spec(self, stage: str) -> StageSpec:
         if stage not in self.specs:
             raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(self.specs)}")
         return self.specs[stage]
 
-    def resolve_inputs(self, stage: str, round: int) -> dict[str, Artifact]:
+    def _check_round(self, stage: str, round: int) -> StageSpec:
         spec = self.spec(stage)
         if spec.rounds == "zero" and round != 0:
             raise ValueError(f"stage {stage} runs in round 0 only (got --round {round})")
         if spec.rounds == "rlhf" and round < 1:
             raise ValueError(f"stage {stage} runs in rounds >= 1 (got --round {round})")
-        found, missing = {}, []
-        for role, (s, r) in spec.inputs(self.cfg, round).items():
-            art = self.registry.find(s, r)
-            if art is None:
-                missing.append((role, s, r))
+        return spec
+
+    def _pinned(self, role: str, stage: str) -> str | None:
+        return self.pins.get(role, self.pins.get(stage))
+
+    def input_versions(self, stage: str, round: int) -> dict[str, str]:
+        """role -> the version this stage must read: a pin, else what the config implies upstream."""
+        out = {}
+        for role, (s, r) in self._check_round(stage, round).inputs(self.cfg, round).items():
+            pin = self._pinned(role, s)
+            if pin is not None:
+                art = self.registry.by_version(pin)
+                if art is None or art.stage != s:
+                    raise MissingInputError(f"--input {role if role in self.pins else s}={pin}: no complete {s} artifact with "
+                                            f"that version in {self.registry.run_dir} (`rlhf status --run-dir {self.cfg.run_dir}` lists them)")
+                out[role] = art.version
             else:
-                found[role] = art
+                out[role] = self.expected_version(s, r)
+        return out
+
+    def expected_version(self, stage: str, round: int) -> str:
+        """The version the current config (and pins) imply for (stage, round), built or not."""
+        key = (stage, round)
+        if key not in self._expected:
+            self._expected[key] = self.version(stage, round, self.input_versions(stage, round))
+        return self._expected[key]
+
+    def resolve_inputs(self, stage: str, round: int) -> dict[str, Artifact]:
+        """The input artifacts, each the exact version required, verified; else MissingInputError
+        naming every missing one and the command that builds it."""
+        found, missing = {}, []
+        for role, version in self.input_versions(stage, round).items():
+            s, r = self.spec(stage).inputs(self.cfg, round)[role]
+            art = self.registry.find(s, r, version)
+            if art is None:
+                missing.append((role, s, r, version))
+            else:
+                found[role] = self.registry.check(art)
         if missing:
             lines = [f"stage {stage} round {round} cannot run: missing inputs in {self.registry.run_dir}:"]
-            for role, s, r in missing:
-                lines.append(f"  {role}: stage {s} round {r} -> produce it with `rlhf stage {s} --round {r} --run-dir {self.cfg.run_dir}`")
+            for role, s, r, version in missing:
+                lines.append(f"  {role}: stage {s} round {r} version {version} (what the current config implies) -> "
+                             f"produce it with `rlhf stage {s} --round {r} --run-dir {self.cfg.run_dir}` (same --config/--set)")
+                others = [a.version for a in self.registry.versions(s, r)]
+                if others:
+                    lines.append(f"     other versions of {s} round {r} exist ({', '.join(others[:3])}), built with another "
+                                 f"config or code; to build on one of them, pass `--input {s}={others[0]}`")
             raise MissingInputError("\n".join(lines))
         return found
 
-    def version(self, stage: str, round: int, inputs: dict[str, Artifact]) -> str:
+    def version(self, stage: str, round: int, inputs: dict[str, str]) -> str:
+        """hash(stage, round, resolved stage config, input versions, code fingerprint, external files)."""
         spec = self.spec(stage)
         return stable_hash({
             "stage": stage,
             "round": round,
             "config": self.cfg.stage_config(stage),
-            "inputs": {role: a.version for role, a in sorted(inputs.items())},
+            "inputs": dict(sorted(inputs.items())),
             "code": code_fingerprint(spec),
             "external": spec.external(self.cfg, round) if spec.external else {},
         }, 12)
 
+    def _cached(self, stage: str, round: int, version: str, force: bool) -> Artifact | None:
+        """The complete artifact of this version, verified; None if absent (or corrupt under --force)."""
+        try:
+            existing = self.registry.find(stage, round, version)
+            return self.registry.check(existing) if existing is not None else None
+        except CorruptArtifact as e:
+            if not force:
+                raise
+            where = self.registry.quarantine(self.registry.artifact_dir(stage, round, version))
+            self.echo(f"[repair] {stage} round {round}: {str(e).split(';')[0].split('. Rebuild')[0]}; moved to {where}, rebuilding")
+            return None
+
     def run_stage(self, stage: str, round: int = 0, force: bool = False) -> StageResult:
         t0 = time.time()
-        spec = self.spec(stage)
+        spec = self._check_round(stage, round)
         inputs = self.resolve_inputs(stage, round)
-        version = self.version(stage, round, inputs)
+        version = self.version(stage, round, {role: a.version for role, a in inputs.items()})
         if spec.check is not None:  # bad user input stops here, before anything is written
             _import_entry(spec.check)(self.cfg, round)
-        existing = self.registry.find(stage, round, version)
+        existing = self._cached(stage, round, version, force)
         if existing is not None and not force:
             self.echo(f"[cached] {stage} round {round} ({version})")
             return StageResult(existing, True, time.time() - t0)
 
+        def waiting(info):
+            from .locks import describe
+
+            self.echo(f"[wait]   {stage} round {round} ({version}) is being built by {describe(info)}")
+
+        lease = self.registry.lease(stage, round, version, on_wait=waiting)
+        try:
+            if lease.waited_s > 0.01:  # someone else built it meanwhile: use theirs, never build twice
+                done = self._cached(stage, round, version, force=False)
+                if done is not None:
+                    self.echo(f"[cached] {stage} round {round} ({version}) built by another process")
+                    return StageResult(done, True, time.time() - t0)
+            return self._build(spec, stage, round, version, inputs, force, t0)
+        finally:
+            lease.release()
+
+    def _build(self, spec: StageSpec, stage: str, round: int, version: str, inputs: dict[str, Artifact], force: bool,
+               t0: float) -> StageResult:
+        """Build (stage, round, version); the caller holds its lease."""
         self.echo(f"[run]    {stage} round {round} ({version})")
-        self.registry.clean_stale_builds()
-        build = self.registry.new_build_dir(stage, round, version)
+        self.registry.clean_builds(stage, round, version)
         work = self.registry.work_dir(stage, round, version)
+        if force:  # recompute from scratch: checkpoints of an earlier attempt are not reused
+            shutil.rmtree(work, ignore_errors=True)
+        build = self.registry.new_build_dir(stage, round, version)
         work.mkdir(parents=True, exist_ok=True)
         started = time.time()
         self.registry.record_attempt(stage, round, status="running", version=version, started_at=started, pid=os.getpid(),
@@ -184,33 +266,37 @@ class Runner:
         ctx = StageContext(stage, round, version, self.cfg, inputs, build, work, self.registry,
                            log_fn=tracker.log if tracker else None, show_progress=self.show_progress)
         try:
-            fn = _entry(spec)
-            _quiet_libraries()
-            _seed_everything(ctx.seed, self.cfg.threads)
-            metrics = fn(ctx) or {}
-            if (work / "metrics.jsonl").exists():
-                shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
-            finished = time.time()
-            manifest = {
-                "stage": stage,
-                "round": round,
-                "version": version,
-                "run": self.cfg.name,
-                "inputs": {role: {"stage": a.stage, "round": a.round, "version": a.version} for role, a in inputs.items()},
-                "config": self.cfg.stage_config(stage),
-                "code": {**code_version(), "fingerprint": code_fingerprint(spec), "libraries": dict(_library_versions())},
-                "metrics": _jsonable(metrics),
-                "started_at": started,
-                "finished_at": finished,
-                "duration_s": builtins.round(finished - started, 3),
-                "artifact_type": spec.artifact_type,
-            }
-            artifact = self.registry.commit(build, manifest)
+            with _sigterm_interrupts():
+                fn = _entry(spec)
+                _quiet_libraries()
+                _seed_everything(ctx.seed, self.cfg.threads)
+                metrics = fn(ctx) or {}
+                if (work / "metrics.jsonl").exists():
+                    shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
+                finished = time.time()
+                manifest = {
+                    "stage": stage,
+                    "round": round,
+                    "version": version,
+                    "run": self.cfg.name,
+                    "inputs": {role: {"stage": a.stage, "round": a.round, "version": a.version} for role, a in inputs.items()},
+                    "pinned": {role: a.version for role, a in inputs.items() if self._pinned(role, a.stage) is not None},
+                    "config": self.cfg.stage_config(stage),
+                    "code": {**code_version(), "fingerprint": code_fingerprint(spec), "libraries": dict(_library_versions())},
+                    "metrics": _jsonable(metrics),
+                    "started_at": started,
+                    "finished_at": finished,
+                    "duration_s": builtins.round(finished - started, 3),
+                    "artifact_type": spec.artifact_type,
+                }
+                artifact = self.registry.commit(build, manifest)
         except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise
             shutil.rmtree(build, ignore_errors=True)
-            reason = f"{type(e).__name__}: {e}"
-            self.registry.record_attempt(stage, round, status="failed", version=version, started_at=started,
-                                         finished_at=time.time(), error=reason, traceback=traceback.format_exc()[-4000:])
+            interrupted = isinstance(e, (Interrupted, KeyboardInterrupt))
+            reason = f"{type(e).__name__}: {e}" if not interrupted else f"interrupted ({type(e).__name__}); rerun to resume"
+            self.registry.record_attempt(stage, round, status="interrupted" if interrupted else "failed", version=version,
+                                         started_at=started, finished_at=time.time(), error=reason,
+                                         traceback=traceback.format_exc()[-4000:])
             if tracker:
                 tracker.finish(None, failed=reason)
             raise
@@ -226,6 +312,24 @@ class Runner:
         for stage, r in schedule(self.cfg, rounds, self.specs):
             results.append(self.run_stage(stage, r, force=force))
         return results
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM into `Interrupted` while a stage builds (main thread only), so the attempt is
+    recorded as interrupted and the half build removed before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _entry(spec: StageSpec) -> Callable[[StageContext], dict]:

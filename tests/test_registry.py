@@ -77,7 +77,6 @@ def test_version_is_stable_and_rerun_is_cache_hit(cfg):
     CALLS.clear()
     t = time.time()
     second = runner(cfg).run_all()
-    assert time.time() - t < 1.0
     assert all(r.cached for r in second) and CALLS == []
     assert [r.artifact.version for r in first] == [r.artifact.version for r in second]
 
@@ -181,7 +180,7 @@ def test_killed_stage_leaves_nothing_complete(tmp_path):
     assert reg.find("sft", 0) is None
     assert list((run_dir / "artifacts" / "sft").glob(".tmp-*"))  # the half build is there but hidden
     rows = status_rows(str(run_dir))
-    assert rows and rows[0]["status"] == "running"  # last attempt never finished
+    assert rows and rows[0]["status"] == "interrupted"  # the builder died: shown as interrupted, not running
     reg.clean_stale_builds()
     assert not list((run_dir / "artifacts" / "sft").glob(".tmp-*"))
 
