@@ -7,16 +7,18 @@ rejected before any work starts, naming the key, the bad value and what is allow
 from __future__ import annotations
 
 import difflib
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class _Cfg(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf`, `nan` and `inf` are rejected for every float field, naming the key and range
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ConfigError(ValueError):
@@ -124,6 +126,20 @@ class SFTStageConfig(TrainConfig):
 
 class CollectPreferencesConfig(_Cfg):
     source: str = Field("demo", description="'demo' (simulated annotator) or a per-round file pattern with {round}, e.g. data/prefs_r{round}.jsonl.")
+
+    @field_validator("source")
+    @classmethod
+    def _round_pattern(cls, v: str) -> str:
+        if v != "demo":
+            if not v.strip():
+                raise ValueError("must be 'demo' or a file path (pattern with {round})")
+            try:
+                v.format(round=1)
+            except (KeyError, IndexError, ValueError, AttributeError) as e:
+                raise ValueError(f"not a usable file pattern ({type(e).__name__}: {e}); the only placeholder allowed is "
+                                 "{round}, e.g. data/prefs_r{round}.jsonl (write {{ and }} for literal braces)") from None
+        return v
+
     format: Literal["auto", "own", "trl", "hh_rlhf", "mapped"] = Field("auto", description="Format of the labeled files.")
     prompts_per_round: int = Field(1000, ge=1, description="Prompts sampled from the latest policy each round.")
     temperatures: list[float] = Field([0.7, 1.0], min_length=1, description="Sampling temperatures for the two responses (varied, sec. 3.2.1).")
@@ -282,7 +298,9 @@ def resolve_preset(name_or_path: str) -> Path:
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-5, true, [0.7, 1.0], null, or plain strings."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"--set value {text!r}: duplicate key {e.key!r}; each key may appear once") from None
     except yaml.YAMLError:
         return text
 
@@ -339,41 +357,203 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration ({source}):"]
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, line: int, first: int, mark: Any):
+        super().__init__(None, None, f"duplicate key {key!r} (first at line {first})", mark)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base constructor reports an unhashable key
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, line, seen[key], key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _key_lines(node: Any, loader: _UniqueKeyLoader, prefix: tuple = ()) -> dict[tuple, int]:
+    """(key, sub, ...) -> line for every key of a composed YAML document."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, str(key_node.value))
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, loader, key))
+    return out
+
+
+def _section_of(node: Any, line: int, prefix: tuple = ()) -> tuple:
+    """Key path of the mapping that has a key on `line` (for naming a duplicate key in full)."""
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.start_mark.line + 1 == line:
+                return prefix
+        for key_node, value_node in node.value:
+            found = _section_of(value_node, line, (*prefix, key_node.value))
+            if found is not None:
+                return found
+    return None  # type: ignore[return-value]
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
+    """(data, key path -> line) of a YAML config file; ConfigError naming the file (and line) for a file that
+    is not UTF-8 text, not YAML, empty, not a mapping, or gives a key twice."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from None
+    if b"\x00" in raw:
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise ConfigError(f"{path}:{line}: not a YAML text file (binary data: a NUL byte); a config is UTF-8 YAML text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); a config is UTF-8 YAML text") from None
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except _DuplicateKey as e:
+        key = ".".join(map(str, (*(_section_of(node, e.line) or ()), e.key)))
+        raise ConfigError(f"{path}:{e.line}: duplicate key {key} (first given at line {e.first}); "
+                          "each key may appear once per section") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = "; ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigError(f"{path}: empty config file (no keys); give at least one key, or use a preset: "
+                          f"{', '.join(preset_names())}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of config keys (key: value), got {type(data).__name__}")
+    return data, _key_lines(node, loader)
+
+
+def _field_at(loc: list[str]) -> Any:
+    """The pydantic FieldInfo a validation error location points at (list indices skipped), or None."""
+    model: type[BaseModel] | None = RunConfig
+    info = None
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            if part.isdigit() and info is not None:
+                continue
+            return None
+        info = model.model_fields[part]
+        model = _submodel(info.annotation)
+    return info
+
+
+def _allowed(loc: list[str], err: dict) -> str:
+    """What a key accepts, from the field's type and constraints: 'a finite number > 0 and < 1'."""
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return str(ctx["expected"])
+    info = _field_at(loc)
+    if info is None:
+        return ""
+    ann = str(info.annotation)
+    bounds = []
+    for m in info.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                bounds.append(f"{op} {v}")
+    rng = (" " + " and ".join(bounds)) if bounds else ""
+    null = " or null" if "None" in ann else ""
+    if "float" in ann:
+        return ("a list of finite numbers" if ann.startswith("list") else "a finite number") + rng + null
+    if "bool" in ann:
+        return "true or false" + null
+    if "int" in ann:
+        return "an integer" + rng + null
+    return ""
+
+
+def format_validation_error(err: ValidationError, source: str, lines: dict[tuple, int] | None = None,
+                            path: Path | None = None, overridden: set[tuple] | None = None) -> str:
+    """One line per problem: `[file:line: ]key: what is wrong (got value). Allowed: ...`; `lines` maps key
+    paths of the file to their line, `overridden` holds the key paths set by --set (they have no line)."""
+    out = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         key = ".".join(loc)
+        where = ""
+        from_set = any(tuple(loc[:len(o)]) == o for o in (overridden or ()))
+        if lines and path is not None and not from_set:
+            for n in range(len(loc), 0, -1):
+                if tuple(loc[:n]) in lines:
+                    where = f"{path}:{lines[tuple(loc[:n])]}: "
+                    break
         if e["type"] == "extra_forbidden":
             try:
                 model = _section_model(loc[:-1])
-                lines.append("  " + _unknown_key(key, model, loc[-1]))
+                out.append("  " + where + _unknown_key(key, model, loc[-1]))
             except (KeyError, AttributeError):
-                lines.append(f"  {key}: unknown config key")
+                out.append(f"  {where}{key}: unknown config key")
         else:
-            ctx = e.get("ctx") or {}
-            allowed = f" Allowed: {ctx['expected']}." if "expected" in ctx else ""
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}).{allowed}")
-    return "\n".join(lines)
+            allowed = _allowed(loc, e)
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"  {where}{key}: {msg} (got {e.get('input')!r})." + (f" Allowed: {allowed}." if allowed else ""))
+    return "\n".join(out)
 
 
-def load_config(config: str = "demo", overrides: list[str] | None = None, **top_level: Any) -> RunConfig:
-    """Load a preset or YAML file, apply dotted overrides and top-level values (None is skipped)."""
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def require_device(cfg: RunConfig) -> None:
+    """`device: cuda` on a machine without a usable CUDA device is a config error, not an AssertionError later."""
+    if cfg.device == "cuda" and not _cuda_available():
+        import torch
+
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError(f"device: 'cuda' is not available here ({why}; torch {torch.__version__}). "
+                          "Allowed on this machine: 'auto' (uses CUDA when present) or 'cpu'.")
+
+
+def load_config(config: str = "demo", overrides: list[str] | None = None, *, check_device: bool = True,
+                **top_level: Any) -> RunConfig:
+    """Load a preset or YAML file, apply dotted overrides and top-level values (None is skipped).
+
+    check_device=False skips the check that `device: cuda` is usable here (for reading a GPU preset on a
+    machine that will not run it)."""
     path = resolve_preset(config)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-    data = apply_overrides(data, list(overrides or []))
+    data, lines = read_config_file(path)
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
     for k, v in top_level.items():
         if v is not None:
             data[k] = v
+    overridden = {tuple(o.split("=", 1)[0].strip().split(".")) for o in overrides} | {(k,) for k, v in top_level.items() if v is not None}
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, str(path) + (" with --set overrides" if overrides else ""))) from None
+        raise ConfigError(format_validation_error(e, str(path) + (" with --set overrides" if overrides else ""), lines, path,
+                                                  overridden)) from None
+    if check_device:
+        require_device(cfg)
+    return cfg
 
 
 def round_stages(cfg: RunConfig, round: int) -> list[str]:
