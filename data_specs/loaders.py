@@ -11,8 +11,9 @@ Sources
   JSON Lines is read as such),
 * a local ``.parquet`` file (pyarrow), a local ``.csv`` file (``datasets.load_dataset("csv", data_files=...)``),
 * a local directory: ``datasets.load_dataset(path, split=split)``,
-* anything else, or a string starting with ``hub:``, is a hub dataset name:
-  ``datasets.load_dataset(name, split=split)``; ``name:config`` selects a configuration.
+* ``org/name`` that is not a local path (see :func:`looks_like_hub_id`), or a string starting with ``hub:``, is a
+  hub dataset name: ``datasets.load_dataset(name, split=split)``; ``name:config`` selects a configuration.
+  Anything else that does not exist (``data/mysft``, ``./x``, ``mysft``) is "file not found" at once.
 
 Formats (``format="auto"`` detects the format of each record from its keys)
 -------------------------------------------------------------------------
@@ -218,9 +219,24 @@ def read_rows(source: str | Path, split: str = "train") -> tuple[str, list[tuple
             return label, _read_jsonl_bytes(data, label)
         return label, [(0, RecordIssue(label, 0, "-", f"unsupported file type {suffix or '(none)'!r}; use "
                                                       f"{', '.join(_FILE_SUFFIXES)}, a directory or a hub dataset"))]
-    if isinstance(source, Path) or path.suffix.lower() in _FILE_SUFFIXES or text.startswith(("/", "./", "../", "~")):
+    if isinstance(source, Path) or path.suffix.lower() in _FILE_SUFFIXES:
         return label, [(0, RecordIssue(label, 0, "-", "file not found"))]
+    if not looks_like_hub_id(text):  # never wait on the hub for a path that is simply missing
+        return label, [(0, RecordIssue(label, 0, "-", "file not found (a hub dataset is written org/name or hub:NAME)"))]
     return _hub(text, split)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """True for ``org/name`` (optionally ``:config``) that is not a local path: one slash, no leading ``.``,
+    ``/`` or ``~``, no ``\\``, and ``org`` is not a local folder (``data/mysft`` next to a ``data/`` folder is a
+    missing file, not a dataset). Anything else that does not exist locally is a missing file; ``hub:`` forces the hub."""
+    if not _HUB_ID.fullmatch(text) or "\\" in text or ".." in text:
+        return False
+    org = text.split("/", 1)[0]
+    return not Path(org).exists()
 
 
 def _hub(name: str, split: str) -> tuple[str, list[tuple[int, Any]]]:
@@ -228,7 +244,31 @@ def _hub(name: str, split: str) -> tuple[str, list[tuple[int, Any]]]:
     if ":" in name:
         name, config = name.split(":", 1)
     label = f"hub:{name}{':' + config if config else ''}[{split}]"
+    unreachable = _hub_unreachable()
+    if unreachable:  # fail at once instead of retrying for ~25 s
+        local = "" if Path(name).exists() else f"; {name!r} is not a local file or folder either"
+        return label, [(0, RecordIssue(label, 0, "-", f"cannot reach the hub ({unreachable}){local}. "
+                                                      "Set HF_HUB_OFFLINE=1 to use a cached copy"))]
     return label, _rows_from_datasets(label, name, split, config=config)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the hub's host accepts a connection (or HF_HUB_OFFLINE is set: datasets then reads its cache),
+    else why not. One DNS lookup and TCP connect instead of the hub client's retries with backoff."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------- adapters
@@ -456,7 +496,13 @@ def _pydantic_issues(e: ValidationError, kind: str, file: str, line: int) -> lis
         elif typ == "value_error":
             reason = str(err["msg"]).removeprefix("Value error, ")
         elif typ.endswith("_type") or typ.endswith("_parsing"):
-            reason = f"{err['msg']} (got {_type_name(err.get('input'))})"
+            got = err.get("input")
+            shown = f" {got!r}" if isinstance(got, (str, int, float, bool)) and len(repr(got)) <= 40 else ""
+            reason = f"{err['msg']} (got {_type_name(got)}{shown})"
+            if typ == "bool_type":
+                reason += "; write true or false (no quotes)"
+            elif typ == "int_type" and isinstance(got, str):
+                reason += "; write the number without quotes"
         else:
             reason = str(err["msg"])
         out.append(RecordIssue(file, line, field, reason))
@@ -488,6 +534,23 @@ def _parse_row(row: Any, kind: str, fmt: str, field_map: dict[str, str] | None, 
     except ValidationError as e:
         return issues + _pydantic_issues(e, kind, file, line)
     return issues or record
+
+
+def parse_record(row: Any, kind: str, format: str = "auto", field_map: dict[str, str] | None = None, file: str = "<rows>",
+                 line: int = 0):
+    """One raw row -> a record of ``RECORD_KINDS[kind]``, or the list of every RecordIssue found in it."""
+    return _parse_row(row, kind, format, field_map, file, line)
+
+
+def duplicate_count(records: Sequence) -> int:
+    """Records equal to an earlier one (same fields and values)."""
+    seen: set[str] = set()
+    n = 0
+    for r in records:
+        key = r.model_dump_json()
+        n += key in seen
+        seen.add(key)
+    return n
 
 
 def _check_args(kind: str, format: str, field_map: dict[str, str] | None) -> None:
@@ -604,5 +667,6 @@ def summarize(records: Sequence, kind: str) -> dict:
     return out
 
 
-__all__ = ["FORMATS", "RecordIssue", "DataValidationError", "load_records", "parse_rows", "read_rows", "load_hub_rows",
+__all__ = ["FORMATS", "RecordIssue", "DataValidationError", "load_records", "parse_rows", "parse_record", "read_rows", "load_hub_rows",
+           "looks_like_hub_id", "duplicate_count",
            "parse_hh_transcript", "write_records", "summarize", "SFTExample", "Prompt", "Comparison", "GattInstruction"]

@@ -4,17 +4,24 @@
 
 With `data.source: demo` it writes the embedded demo world (the generator is seeded, so the same
 seed gives byte-identical files). With `data.source: files` it loads each configured file through
-the same loaders `rlhf data validate` uses, fails on any bad record (file, line, field, reason)
-before anything is written, and stores the validated records. Later stages read only this artifact.
+the same loaders `rlhf data validate` uses, fails on any bad record (file, line, field, reason), on a
+missing required source and on a source with no records, before anything is written (`check`, which the
+runner calls before it creates any directory), warns about duplicate records by count, and stores the
+validated records. Later stages read only this artifact.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 
+from pipeline.config import RunConfig
 from pipeline.context import StageContext, StageFailed
 from pipeline.io import write_json
 
-from .loaders import DataValidationError, load_records, summarize, write_records
+from .loaders import duplicate_count, load_records, summarize, write_records
+from .validate import format_issues
+
+log = logging.getLogger("rlhf.data")
 
 # artifact file -> (config field under `data`, record kind)
 FILES = {
@@ -24,6 +31,55 @@ FILES = {
     "eval_comparisons.jsonl": ("eval_comparisons", "preference"),
     "gatt_train.jsonl": ("gatt_instructions", "gatt"),
 }
+REQUIRED = ("sft", "prompts", "eval_prompts")
+
+
+def load_sources(cfg: RunConfig) -> tuple[dict[str, list], list[str], list[str]]:
+    """(artifact file -> records, problems, warnings) of every configured user data source.
+
+    A problem is anything that must stop the stage: a required source not configured, a source that cannot
+    be read, any bad record (file:line: field: reason, every problem of every record), or a source with no
+    records. Duplicate records are a warning, by count."""
+    data = cfg.data
+    loaded: dict[str, list] = {}
+    problems: list[str] = []
+    warnings: list[str] = []
+    for name, (field, kind) in FILES.items():
+        src = getattr(data, field)
+        if src is None:
+            if field in REQUIRED:
+                problems.append(f"data.{field}: required when data.source is 'files' (set data.{field}.path)")
+            continue
+        try:
+            records, issues = load_records(src.path, kind, format=src.format, field_map=src.field_map or None,
+                                           split=src.split, strict=False)
+        except ValueError as e:  # a bad format / field_map combination
+            problems.append(f"data.{field}.format: {e}")
+            continue
+        if issues:
+            n_bad = len({(i.file, i.line) for i in issues})
+            problems.append(f"data.{field} ({src.path}): {n_bad} bad record(s), {len(records)} valid:\n{format_issues(issues)}")
+        elif not records:
+            problems.append(f"data.{field}: {src.path}:0: -: no records (empty file or only blank lines)")
+        else:
+            loaded[name] = records
+            dups = duplicate_count(records)
+            if dups:
+                warnings.append(f"data.{field} ({src.path}): {dups} duplicate record(s) of {len(records)} "
+                                "(identical to an earlier record); they are kept")
+    return loaded, problems, warnings
+
+
+def check(cfg: RunConfig, round: int) -> None:
+    """The runner calls this before anything is written: with `data.source: files`, every configured file
+    is loaded and validated; any problem stops the stage (StageFailed naming file:line: field: reason)."""
+    if cfg.data.source != "files":
+        return
+    _, problems, warnings = load_sources(cfg)
+    for w in warnings:
+        log.warning("warning: %s", w)
+    if problems:
+        raise StageFailed("invalid datasets, nothing was written:\n" + "\n".join(problems))
 
 
 def run(ctx: StageContext) -> dict:
@@ -35,18 +91,7 @@ def run(ctx: StageContext) -> dict:
                         n_eval_prompts=data.demo_n_eval_prompts, n_pretrain_docs=data.demo_n_pretrain_docs,
                         sft_ramble_frac=data.demo_sft_ramble_frac)
     else:
-        loaded = {}
-        problems = []
-        for name, (field, kind) in FILES.items():
-            src = getattr(data, field)
-            if src is None:
-                if field in ("sft", "prompts", "eval_prompts"):
-                    problems.append(f"data.{field} is required when data.source is 'files'")
-                continue
-            try:
-                loaded[name] = load_records(src.path, kind, format=src.format, field_map=src.field_map or None, split=src.split)
-            except DataValidationError as e:
-                problems.append(f"data.{field} ({src.path}):\n{e}")
+        loaded, problems, _ = load_sources(ctx.config)  # check() has validated already; the files may have changed since
         if problems:
             raise StageFailed("invalid datasets, nothing was written:\n" + "\n".join(problems))
         for name, records in loaded.items():
@@ -60,6 +105,8 @@ def run(ctx: StageContext) -> dict:
             records = load_records(ctx.out_dir / name, kind, format="own")
             metrics[f"n_{field}"] = len(records)
             metrics[f"summary_{field}"] = summarize(records, kind)
+            if data.source == "files":
+                metrics[f"n_duplicates_{field}"] = duplicate_count(records)
     metrics["n_sft"] = metrics.get("n_sft", 0)
     metrics["n_prompts"] = metrics.get("n_prompts", 0)
     metrics["source"] = data.source

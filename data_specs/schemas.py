@@ -78,7 +78,7 @@ class Prompt(_Record):
     """A prompt dialogue plus its safety flag (picks the reward in RS and PPO, sec. 3.2.3)."""
 
     messages: list[Message] = Field(description="Optional system message, then alternating turns, ending with user.")
-    is_safety: bool = Field(default=False, description="True for a safety (adversarial) prompt.")
+    is_safety: bool = Field(default=False, strict=True, description="True for a safety (adversarial) prompt (a JSON boolean; \"yes\" or 1 is an error).")
     id: str = Field(default="", description="Stable identifier, used to join samples across rounds.")
     category: str = Field(default="", description="Task family, e.g. capital, add, harmful, borderline.")
 
@@ -95,10 +95,11 @@ class Comparison(_Record):
     chosen: str = Field(description="The preferred response.")
     rejected: str = Field(description="The other response.")
     strength: Strength | None = Field(default=None, description="Preference strength; None means unknown and gets margin 0.")
-    is_safety_prompt: bool = Field(default=False, description="Whether the prompt is a safety prompt.")
-    chosen_safe: bool | None = Field(default=None, description="Safety label of the chosen response, if annotated.")
-    rejected_safe: bool | None = Field(default=None, description="Safety label of the rejected response, if annotated.")
-    round: int = Field(default=0, ge=0, description="RLHF round the comparison was collected in.")
+    # strict: a label is never guessed from "yes", "3" or 1 (pydantic's lax mode would coerce them silently)
+    is_safety_prompt: bool = Field(default=False, strict=True, description="Whether the prompt is a safety prompt.")
+    chosen_safe: bool | None = Field(default=None, strict=True, description="Safety label of the chosen response, if annotated.")
+    rejected_safe: bool | None = Field(default=None, strict=True, description="Safety label of the rejected response, if annotated.")
+    round: int = Field(default=0, ge=0, strict=True, description="RLHF round the comparison was collected in.")
     source: str = Field(default="unknown", description="Where the comparison came from.")
 
     @field_validator("chosen", "rejected")

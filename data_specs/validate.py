@@ -2,7 +2,8 @@
 
 Loads the source non-strictly with the same loaders the `data` stage uses, prints the number of valid
 records and their summary, and lists the bad records (file:line: field: reason). Exit code 1 when any
-record is bad (or the source cannot be read), 2 for a bad argument, else 0.
+record is bad, the source cannot be read or holds no records, 2 for a bad argument, else 0. Duplicate
+records are counted in a warning.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _tables(summary: dict):
 def main(path: str, kind: str, format: str = "auto") -> int:
     from rich.console import Console
 
-    from .loaders import load_records, summarize
+    from .loaders import duplicate_count, load_records, summarize
 
     console = Console()
     try:
@@ -57,9 +58,15 @@ def main(path: str, kind: str, format: str = "auto") -> int:
     if records:
         for table in _tables(summarize(records, kind)):
             console.print(table)
+    dups = duplicate_count(records)
+    if dups:
+        console.print(f"warning: {path}: {dups} duplicate record(s) (identical to an earlier record)", markup=False,
+                      highlight=False, soft_wrap=True)
     if not issues:
         if not records:
-            console.print("warning: no records found", markup=False, highlight=False)
+            console.print(f"error: {path}:0: -: no records (empty file or only blank lines)", markup=False, highlight=False,
+                          soft_wrap=True)
+            return 1
         return 0
     n_bad = len({(i.file, i.line) for i in issues})
     console.print(f"[red]{n_bad} bad record(s), {len(issues)} issue(s):[/red]")

@@ -126,7 +126,8 @@ STAGES: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("data", "data_specs.prepare:run", lambda c, r: {}, ("data_specs",), "dataset",
-                  ("n_sft", "n_prompts", "n_eval_prompts"), "zero", "Write (demo) or validate and copy (files) every dataset.", _data_files),
+                  ("n_sft", "n_prompts", "n_eval_prompts"), "zero", "Write (demo) or validate and copy (files) every dataset.", _data_files,
+                  check="data_specs.prepare:check"),
         StageSpec("pretrained", "policies.pretrained:run", _data, ("policies.pretrained", "pipeline.models", "pipeline.chat"), "model",
                   ("params_M", "loss"), "zero", "Resolve, load and register the base checkpoint (or pretrain the tiny demo Llama)."),
         StageSpec("sft", "policies.sft:run", lambda c, r: {"data": ("data", 0), "base": ("pretrained", 0)},
@@ -135,7 +136,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("collect_preferences", "policies.collect_preferences:run",
                   lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1), "pretrained": ("pretrained", 0)},
                   ("policies.collect_preferences", "policies.generation", *COMMON), "dataset",
-                  ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy.", _preference_file),
+                  ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy.", _preference_file,
+                  check="policies.collect_preferences:check"),
         StageSpec("reward_model_helpful", "reward_models.train:run_helpful", _rm_inputs("reward_model_helpful"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
                   "Helpfulness reward model, margin ranking loss."),

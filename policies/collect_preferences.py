@@ -16,7 +16,6 @@ and save it where `source` points. Files in our own comparison format are accept
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -78,34 +77,116 @@ def label_with_annotator(ctx: StageContext, pairs: list[dict]) -> list[Compariso
     return out
 
 
-def import_labeled(path: Path, fmt: str, round: int) -> list[Comparison]:
-    """A labeled export (choice/strength/a_safe/b_safe) or any comparison file the loaders read."""
-    from data_specs.loaders import DataValidationError, RecordIssue, load_records
+# an exported line (sample_pairs) and the labels a person adds to it
+EXPORT_FIELDS = ("prompt_id", "prompt", "is_safety_prompt", "category", "response_a", "response_b", "temperatures", "models")
+LABEL_FIELDS = ("choice", "strength", "a_safe", "b_safe")
 
-    first = path.open(encoding="utf-8", errors="replace").readline() if path.suffix == ".jsonl" else ""
-    if '"response_a"' not in first:
-        return [c.model_copy(update={"round": round}) for c in load_records(path, "preference", format=fmt)]
-    out, issues = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+
+def _is_export_row(row) -> bool:
+    return isinstance(row, dict) and any(k in row for k in ("response_a", "response_b", "choice"))
+
+
+def _labeled_row(row: dict, file: str, line: int, round: int, source: str):
+    """A Comparison from a labeled export line, or every problem of the line (RecordIssue, in the file's field names)."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    from data_specs.loaders import RecordIssue, _pydantic_issues
+    from data_specs.schemas import STRENGTHS
+
+    issues = []
+    allowed = EXPORT_FIELDS + LABEL_FIELDS
+    for k in row:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; a labeled line is the exported line plus {', '.join(LABEL_FIELDS)}"
+            issues.append(RecordIssue(file, line, str(k), "unknown field" + hint))
+    choice = row.get("choice")
+    if "choice" not in row:
+        issues.append(RecordIssue(file, line, "choice", 'missing field (label each line with "choice": "a" or "b")'))
+    elif choice not in ("a", "b"):
+        issues.append(RecordIssue(file, line, "choice", f"must be 'a' or 'b', got {choice!r}"))
+    win, lose = ("b", "a") if choice == "b" else ("a", "b")
+    theirs = {"prompt": "prompt", "chosen": f"response_{win}", "rejected": f"response_{lose}", "strength": "strength",
+              "is_safety_prompt": "is_safety_prompt", "chosen_safe": f"{win}_safe", "rejected_safe": f"{lose}_safe"}
+    d = {ours: row[col] for ours, col in theirs.items() if col in row}
+    strength = d.get("strength")
+    if strength is not None and strength not in [x.value for x in STRENGTHS]:
+        levels = ", ".join(x.value for x in STRENGTHS)
+        issues.append(RecordIssue(file, line, "strength", f"unknown strength {strength!r} (expected one of: {levels}, or null)"))
+        d.pop("strength")
+    try:
+        record = Comparison.model_validate({**d, "round": round, "source": source})
+    except ValidationError as e:
+        for i in _pydantic_issues(e, "preference", file, line):
+            head, dot, rest = i.field.partition(".")
+            issues.append(i._replace(field=theirs.get(head, head) + dot + rest))
+        return issues
+    return issues or record
+
+
+def parse_labeled(path: Path, fmt: str, round: int) -> tuple[list[Comparison], list]:
+    """(comparisons, issues) of a labeled file: exported lines with choice/strength/a_safe/b_safe, or comparisons
+    in any format the loaders read. Every problem of every line is an issue `file:line: field: reason` (bad
+    UTF-8 and malformed JSON per line; types are strict: "yes" is not true, "3" is not 3)."""
+    from data_specs.loaders import RecordIssue, parse_record, read_rows
+
+    label, rows = read_rows(path)
+    records, issues = [], []
+    for line, row in rows:
+        if isinstance(row, RecordIssue):
+            issues.append(row)
             continue
-        try:
-            row = json.loads(line)
-            choice = row["choice"]
-            if choice not in ("a", "b"):
-                raise ValueError(f"choice must be 'a' or 'b', got {choice!r}")
-            win, lose = ("a", "b") if choice == "a" else ("b", "a")
-            out.append(Comparison(prompt=row["prompt"], chosen=row[f"response_{win}"], rejected=row[f"response_{lose}"],
-                                  strength=row.get("strength"), is_safety_prompt=row.get("is_safety_prompt", False),
-                                  chosen_safe=row.get(f"{win}_safe"), rejected_safe=row.get(f"{lose}_safe"), round=round,
-                                  source=f"labeled:{path.name}"))
-        except KeyError as e:
-            issues.append(RecordIssue(str(path), n, str(e.args[0]), "missing field"))
-        except (ValueError, TypeError) as e:
-            issues.append(RecordIssue(str(path), n, "-", str(e).splitlines()[0][:200]))
+        if _is_export_row(row):
+            out = _labeled_row(row, label, line, round, f"labeled:{path.name}")
+        else:
+            out = parse_record(row, "preference", fmt, None, label, line)
+            if not isinstance(out, list):
+                out = out.model_copy(update={"round": round})
+        if isinstance(out, list):
+            issues.extend(out)
+        else:
+            records.append(out)
+    return records, issues
+
+
+def import_labeled(path: Path, fmt: str, round: int) -> list[Comparison]:
+    """A labeled export (choice/strength/a_safe/b_safe) or any comparison file the loaders read;
+    DataValidationError listing every problem when any line is bad."""
+    from data_specs.loaders import DataValidationError
+
+    records, issues = parse_labeled(path, fmt, round)
     if issues:
-        raise DataValidationError(issues, n_valid=len(out))
-    return out
+        raise DataValidationError(issues, n_valid=len(records))
+    return records
+
+
+def check(cfg, round: int) -> None:
+    """The runner calls this before anything is written: the round's labeled file, when `source` is a path and
+    the file exists, must be readable and every line valid and non-empty (StageFailed naming file:line: field).
+    A missing file is not an error here: the stage then exports the unlabeled pairs and says what to do."""
+    import logging
+
+    from data_specs.loaders import DataValidationError, duplicate_count
+
+    src = cfg.collect_preferences.source
+    if src == "demo":
+        return
+    path = Path(src.format(round=round))
+    if not path.exists():
+        return
+    where = f"collect_preferences.source {src!r}, round {round}"
+    records, issues = parse_labeled(path, cfg.collect_preferences.format, round)
+    if issues:
+        raise StageFailed(f"bad labeled comparisons in {path} ({where}), nothing was written:\n"
+                          f"{DataValidationError(issues, n_valid=len(records))}")
+    if not records:
+        raise StageFailed(f"{path}:0: -: no labeled comparisons (empty file or only blank lines) ({where}); nothing was written")
+    dups = duplicate_count(records)
+    if dups:
+        logging.getLogger("rlhf.data").warning("warning: %s: %d duplicate comparison(s) of %d (identical to an earlier line); "
+                                               "they are kept", path, dups, len(records))
 
 
 def run(ctx: StageContext) -> dict:
