@@ -10,7 +10,10 @@ Each pipeline stage is a Prefect task named after the stage; the task only calls
 `Runner.run_stage` (the logic lives in the stages) and returns a small reference to the registry
 artifact, never a model. Stages of a round that do not depend on each other (the two reward models)
 run in parallel. Transient errors are retried; a stage that stopped on purpose (StageFailed),
-missing inputs and config errors are not. Each round ends with a summary table artifact
+missing inputs, config errors, a missing checkpoint and running out of (GPU) memory are not.
+Flow parameters cannot turn on code execution (`UNSAFE_KEYS`: trust_remote_code, allow_pickle, a
+GAtt checker module) unless the served config sets it or the serving side was started with
+RLHF_ALLOW_UNSAFE_OVERRIDES=1. Each round ends with a summary table artifact
 `rlhf-round-<r>`. `rlhf run` does not need Prefect at all.
 """
 from __future__ import annotations
@@ -38,8 +41,20 @@ from pipeline.runner import MissingInputError  # noqa: E402
 from pipeline.stages import STAGES, StageSpec, round_plan  # noqa: E402
 
 DEPLOYMENTS = ("iteration", "bootstrap", "full", "stage")
-# Errors no retry can fix: a guard tripped, an input is missing, the config is wrong.
-PERMANENT = (StageFailed, MissingInputError, ConfigError, ValueError, KeyError)
+# Errors no retry can fix: a guard tripped, an input is missing, the config is wrong, a file is not there.
+PERMANENT = (StageFailed, MissingInputError, ConfigError, ValueError, KeyError, FileNotFoundError, NotADirectoryError,
+             IsADirectoryError, MemoryError)
+# An OSError from loading a checkpoint that is simply not there (transformers / huggingface_hub wording).
+_MISSING_CHECKPOINT = ("does not appear to have a file named", "no file named", "is not a local folder and is not a valid model identifier",
+                       "no such file or directory", "checkpoint not found", "has no config.json", "gguf file not found")
+# A network problem reaching the hub is worth a retry even when it surfaces as a checkpoint error.
+_TRANSIENT_HINTS = ("couldn't connect", "connection", "timed out", "timeout", "temporarily", "service unavailable", "bad gateway",
+                    "too many requests")
+
+# Keys that make the pipeline run code the flow's caller chooses: remote model code, pickle weights, a checker module.
+UNSAFE_KEYS = ("pretrained.trust_remote_code", "pretrained.allow_pickle", "ghost_attention.checker")
+ALLOW_UNSAFE_ENV = "RLHF_ALLOW_UNSAFE_OVERRIDES"  # set to 1 on the serving side to let flow parameters set UNSAFE_KEYS
+SERVED_CONFIG_ENV = "RLHF_SERVED_CONFIG"  # the config `rlhf serve` was started with: its own values of UNSAFE_KEYS stand
 
 Mode = Literal["iteration", "bootstrap", "full", "stage"]
 StageName = Literal["data", "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety",
@@ -77,6 +92,34 @@ def next_round(cfg: RunConfig) -> int:
     return max(rounds, default=0) + 1
 
 
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and exc not in out and len(out) < 10:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or torch.OutOfMemoryError), or a RuntimeError saying 'out of memory';
+    by class name and message, so it works where torch has no CUDA."""
+    return any(type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower() for e in _chain(exc))
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    """True for failures no retry can fix: bad input or config, missing inputs or checkpoints, out of memory."""
+    if exc is None:
+        return False
+    chain = _chain(exc)
+    if is_out_of_memory(exc):
+        return True
+    text = " ".join(str(e).lower() for e in chain)
+    for e in chain:
+        if type(e).__name__ == "CheckpointError" or (isinstance(e, OSError) and any(h in str(e).lower() for h in _MISSING_CHECKPOINT)):
+            return not any(h in text for h in _TRANSIENT_HINTS)
+    return isinstance(exc, PERMANENT)
+
+
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """retry_condition_fn: retry unless the failure is one no retry can fix."""
     exc = state.data if isinstance(state.data, BaseException) else None
@@ -85,7 +128,46 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
             state.result()
         except BaseException as e:  # noqa: BLE001
             exc = e
-    return not isinstance(exc, PERMANENT)
+    return not is_permanent(exc)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _value(cfg: RunConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def check_parameters(config: str, overrides: list[str], run_dir: str | None = None, *,
+                     allow_unsafe: bool | None = None, served_config: str | None = None) -> RunConfig:
+    """The run's config from the flow's parameters, refusing any that turn on code execution.
+
+    `pretrained.trust_remote_code`, `pretrained.allow_pickle` and `ghost_attention.checker` run code chosen
+    by whoever sets them. Through the Prefect API (the flow's `config` and `overrides` parameters) they may
+    only keep the values of the config the serving side was started with (`served_config`, default: the
+    env var RLHF_SERVED_CONFIG that `serve_deployments` sets; without one, the defaults: all off), unless
+    the serving side allows it explicitly: `allow_unsafe` (default: env RLHF_ALLOW_UNSAFE_OVERRIDES=1)."""
+    cfg = load_config(config, overrides, run_dir=run_dir)
+    if allow_unsafe is None:
+        allow_unsafe = _truthy(os.environ.get(ALLOW_UNSAFE_ENV))
+    if allow_unsafe:
+        return cfg
+    served = served_config if served_config is not None else os.environ.get(SERVED_CONFIG_ENV)
+    base = load_config(served, [], check_device=False) if served else RunConfig()
+    bad = []
+    for key in UNSAFE_KEYS:
+        value, allowed = _value(cfg, key), _value(base, key)
+        if value not in (None, False) and value != allowed:
+            bad.append(f"{key}={value!r} (allowed: {allowed!r}, the value of {'the served config ' + repr(served) if served else 'the defaults'})")
+    if bad:
+        raise ConfigError("flow parameters (config/overrides) cannot turn on settings that run code: " + "; ".join(bad) +
+                          f". Put them in the config the serving side starts with, or start it with {ALLOW_UNSAFE_ENV}=1 "
+                          "(`RLHF_ALLOW_UNSAFE_OVERRIDES=1 rlhf serve ...`) if flow callers may set them.")
+    return cfg
 
 
 def _headline(spec: StageSpec, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +244,7 @@ def rlhf(
         retries: Retries per stage for transient failures (never for bad input or config).
     """
     logger = get_run_logger()
-    cfg = load_config(config, overrides, run_dir=run_dir)  # a bad config fails here, before any stage
+    cfg = check_parameters(config, overrides, run_dir=run_dir)  # a bad or unsafe config fails here, before any stage
     args = {"config": config, "run_dir": cfg.run_dir, "overrides": list(overrides), "force": force}
     t0 = time.time()
     if mode == "stage":
@@ -200,11 +282,20 @@ def deployments(config: str = "demo", run_dir: str | None = None) -> list[Any]:
             for name in DEPLOYMENTS]
 
 
-def serve_deployments(config: str = "demo", run_dir: str | None = None, limit: int | None = None) -> None:
-    """Register and serve all four deployments against PREFECT_API_URL (blocks until interrupted)."""
+def serve_deployments(config: str = "demo", run_dir: str | None = None, limit: int | None = None,
+                      allow_unsafe_overrides: bool | None = None) -> None:
+    """Register and serve all four deployments against PREFECT_API_URL (blocks until interrupted).
+
+    Flow runs may not turn on `UNSAFE_KEYS` through their parameters beyond what `config` itself sets,
+    unless `allow_unsafe_overrides` (default: env RLHF_ALLOW_UNSAFE_OVERRIDES=1) is true. Both are passed to
+    the flow-run processes through the environment."""
     from prefect import serve
 
     load_config(config, [], run_dir=run_dir)  # fail fast on a bad config, before registering anything
+    if allow_unsafe_overrides is None:
+        allow_unsafe_overrides = _truthy(os.environ.get(ALLOW_UNSAFE_ENV))
+    os.environ[ALLOW_UNSAFE_ENV] = "1" if allow_unsafe_overrides else "0"
+    os.environ[SERVED_CONFIG_ENV] = config
     serve(*deployments(config, run_dir), limit=limit)
 
 
