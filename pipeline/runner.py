@@ -132,8 +132,9 @@ class Runner:
         self.show_progress = show_progress
         self.pins = dict(pins or {})  # stage name or input role -> version (prefix), e.g. {"sft": "3fa2c1"}
         self._expected: dict[tuple[str, int], str] = {}
+        roles = {role for stage, r in schedule(cfg, max(cfg.rounds, 1), self.specs) for role in self.specs[stage].inputs(cfg, r)}
         for key in self.pins:
-            if key not in self.specs and not any(key in s.inputs(cfg, r) for s in self.specs.values() for r in (0, 1, 2)):
+            if key not in self.specs and key not in roles:
                 raise ValueError(f"--input {key}=...: {key!r} is neither a stage nor an input role; stages: {', '.join(self.specs)}")
 
     def spec(self, stage: str) -> StageSpec:

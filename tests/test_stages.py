@@ -26,11 +26,8 @@ def tiny(run_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    cfg = tiny(run_dir)
-    results = Runner(cfg, echo=None, show_progress=False).run_all()
-    return cfg, {(r.artifact.stage, r.artifact.round): r.artifact for r in results}
+def run(tiny_run):
+    return tiny_run  # tests/conftest.py: one tiny round shared by the whole session
 
 
 def test_every_stage_of_a_round_registers(run):
