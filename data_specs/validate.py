@@ -54,7 +54,7 @@ def main(path: str, kind: str, format: str = "auto") -> int:
     except ValueError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
-    console.print(f"{len(records)} valid {kind} record(s) in {path}", markup=False, highlight=False)
+    console.print(f"{len(records)} valid {kind} record(s) in {path}", markup=False, highlight=False, soft_wrap=True)
     if records:
         for table in _tables(summarize(records, kind)):
             console.print(table)

@@ -243,8 +243,8 @@ def rlhf(
         force: Recompute even when a complete artifact with the same version exists.
         retries: Retries per stage for transient failures (never for bad input or config).
     """
-    logger = get_run_logger()
     cfg = check_parameters(config, overrides, run_dir=run_dir)  # a bad or unsafe config fails here, before any stage
+    logger = get_run_logger()
     args = {"config": config, "run_dir": cfg.run_dir, "overrides": list(overrides), "force": force}
     t0 = time.time()
     if mode == "stage":
