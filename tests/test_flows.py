@@ -201,6 +201,10 @@ def test_bad_parameters_are_rejected_naming_the_field(prefect_stack):
         res = _deployment_run(prefect_stack, param, watch=False)
         msg = res.stdout + res.stderr
         assert res.returncode != 0 and f"Validation failed for field '{field}'" in msg, msg
+    # parameters cannot turn on code execution unless the serving side allows it (RLHF_ALLOW_UNSAFE_OVERRIDES)
+    res = _deployment_run(prefect_stack, 'overrides=["pretrained.trust_remote_code=true"]', deployment="rlhf/bootstrap")
+    run = _flow_run(prefect_stack, res.stdout)
+    assert run["state_type"] == "FAILED" and "pretrained.trust_remote_code" in (run["state"]["message"] or ""), run["state"]
 
 
 # ---------------------------------------------------------------------------------------- docker
