@@ -390,10 +390,10 @@ def test_sigkill_at_20_random_moments_loses_nothing(tiny_run, tmp_path):
     cmd = [*RLHF, "run", "--config", "tiny", "--run-dir", str(run_dir), "--set", "tracking.mode=disabled"]
     rng = random.Random(20261125)
     kills, killed_in = 0, []
+    window = {}  # stage -> seconds; grows each time a kill lands in the same stage again, so the run progresses
     for i in range(20):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-        delay = rng.uniform(0.0, 2.5)
-        # wait for the first stage this process really builds, then kill after a random delay
+        # wait for the first stage this process really builds, then kill at a random moment inside it
         line, stage = "", None
         while True:
             line = proc.stdout.readline()
@@ -401,7 +401,8 @@ def test_sigkill_at_20_random_moments_loses_nothing(tiny_run, tmp_path):
                 break
         if line.startswith("[run]"):
             stage = line.split()[1]
-            time.sleep(delay)
+            window[stage] = window.get(stage, 1.0) * (1.6 if killed_in and killed_in[-1] == stage else 1.0)
+            time.sleep(rng.uniform(0.2, 1.0) * window[stage])
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
