@@ -29,8 +29,10 @@ SHORT = {"data": "data", "pretrained": "pretrained", "sft": "SFT", "collect_pref
          "reward_model_helpful": "RM helpful", "reward_model_safety": "RM safety", "rejection_sampling": "rejection sampling",
          "ppo": "PPO", "ghost_attention": "GAtt", "evaluate": "evaluate"}
 # plain-text labels (emoji need a colour-emoji font, which headless servers often lack); the app colours them
-LABEL = {"complete": "done", "running": "running", "failed": "failed", "not started": "not started", "not in round": "n/a"}
-CELL_COLORS = {"done": "#dff3e4", "running": "#fff3c4", "failed": "#fde0df", "not started": "#f1f1f1", "n/a": "#ffffff"}
+LABEL = {"complete": "done", "running": "running", "failed": "failed", "interrupted": "interrupted", "not started": "not started",
+         "not in round": "n/a"}
+CELL_COLORS = {"done": "#dff3e4", "running": "#fff3c4", "failed": "#fde0df", "interrupted": "#efe3fb", "not started": "#f1f1f1",
+               "n/a": "#ffffff"}
 EVAL_HEADLINE = ["gold_helpfulness", "win_rate_vs_sft", "win_rate_vs_previous", "gold_safety_violation_rate",
                  "false_refusal_rate", "mean_reward", "reward_hacking"]
 STRENGTHS = ["significantly_better", "better", "slightly_better", "negligibly_better_or_unsure"]
@@ -218,9 +220,9 @@ def stage_label(row: dict | pd.Series) -> str:
     status = row["status"]
     if status == "complete":
         return f"done {fmt_duration(row.get('duration_s'))}".strip()
-    if status == "failed":
+    if status in ("failed", "interrupted"):  # interrupted: the builder died or was stopped; a rerun resumes
         err = str(row.get("error") or "")
-        return f"failed: {err[:90]}" if err else "failed"
+        return f"{status}: {err[:90]}" if err else status
     if status == "running":
         since = row.get("started_at")
         extra = f" {fmt_duration(time.time() - since)}" if isinstance(since, (int, float)) else ""
@@ -241,7 +243,7 @@ def round_status(group: pd.DataFrame) -> tuple[str, str]:
     """(status of the round, its current stage)."""
     st = dict(zip(group["stage"], group["status"]))
     running = [s for s, v in st.items() if v == "running"]
-    failed = [s for s, v in st.items() if v == "failed"]
+    failed = [s for s, v in st.items() if v in ("failed", "interrupted")]
     todo = [s for s, v in st.items() if v == "not started"]
     if running:
         return "running", running[0]

@@ -316,6 +316,11 @@ def test_sigkilled_builder_reads_interrupted_and_repair_cleans(tmp_path):
     rows = status_rows(str(run_dir))
     assert [(r["stage"], r["status"]) for r in rows] == [("sft", "interrupted")]
     assert leftovers(run_dir)  # the hidden build and the lease of the dead builder
+    from dashboard.data import stage_label, stage_table
+
+    table = stage_table(run_dir)
+    sft = table[(table["stage"] == "sft") & (table["round"] == 0)].iloc[0]
+    assert stage_label(sft).startswith("interrupted: the builder (pid")  # the dashboard says so too
     out = CliRunner().invoke(app, ["verify", "--run-dir", str(run_dir)])
     assert out.exit_code == 1 and "leftover_build" in out.output and "stale_lease" in out.output
     out = CliRunner().invoke(app, ["repair", "--run-dir", str(run_dir)])
