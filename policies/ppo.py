@@ -42,6 +42,26 @@ class ValueHead(torch.nn.Module):
         return self.v(h).squeeze(-1).float()
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def save_value_head(head: ValueHead, out_dir) -> None:
+    """The value head as safetensors, like every other weight in an artifact (never a pickle)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
+
+
+def load_value_head(art_dir, device: str = "cpu") -> ValueHead:
+    """The value head a `ppo` artifact saved (`value_head.safetensors`)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(art_dir / VALUE_HEAD_FILE), device=device)
+    head = ValueHead(state["v.weight"].shape[1]).to(device)
+    head.load_state_dict(state)
+    return head
+
+
 def _lm(model):
     """The LlamaForCausalLM inside a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -141,11 +161,14 @@ def run(ctx: StageContext) -> dict:
 
     ckpt = ctx.work_dir / "ppo_state.pt"
     start = resumed = 0
-    if (state := load_checkpoint(ckpt)) is not None:
+    required = ("policy", "head", "optimizer", "step") + (("critic",) if critic is not None else ())
+    if (state := load_checkpoint(ckpt, required=required)) is not None:
         policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
         start = resumed = state["step"]
+    del state
+    ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
     good = {"step": start}
 
     def save(step: int) -> None:
@@ -224,14 +247,15 @@ def run(ctx: StageContext) -> dict:
     bar.close()
 
     if stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
-        state = load_checkpoint(ckpt)
+        state = load_checkpoint(ckpt, required=("policy", "head", "step"))
         if state is not None:
-            policy.load_state_dict(state["policy"])
+            policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"])
+            good["step"] = state["step"]
         else:
             policy, tok = load_policy(ctx.input("policy").path, device)
     policy = merge_lora(policy).eval()
     save_policy(policy, tok, ctx.out_dir)
-    torch.save(head.state_dict(), ctx.out_dir / "value_head.pt")
+    save_value_head(head, ctx.out_dir)
     first, last = history[0] if history else {}, history[-1] if history else {}
     summary = {
         "stop_reason": stop_reason,

@@ -6,12 +6,17 @@
   at every example, which makes transformers build a block-diagonal causal mask, so attention
   never crosses an example boundary. No padding is wasted beyond each row's tail.
 * Cosine schedule with warm-up, AdamW with weight decay on matrices only, gradient accumulation.
-* Checkpoints (model, optimiser, scheduler, step, RNG) in the stage's work dir; a rerun resumes.
+* Checkpoints (model, optimiser, scheduler, step, RNG) in the stage's work dir; a rerun resumes. They hold
+  tensors and plain values only and load with `weights_only=True`; an unreadable one is set aside (see below).
 """
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
+import pickle
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,19 +130,139 @@ def merge_lora(model):
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
+#
+# A resume checkpoint is a `torch.save` zip holding only tensors and plain values (dicts, lists, tuples,
+# ints, floats, strings, bools, None): model/optimiser/scheduler state dicts, the step, torch's RNG
+# state. It is read back with `weights_only=True`, so a planted file cannot run code. Writes are atomic
+# (temporary file beside the target, fsync, rename); the previous checkpoint is kept as `<name>.prev`.
+# A checkpoint that cannot be read is moved aside to `<name>.corrupt` with a warning naming it and why,
+# and training resumes from `<name>.prev` or, failing that, from step 0.
+
+log = logging.getLogger(__name__)
+
+
+class _Unusable(ValueError):
+    """A checkpoint that loads but is not training state we wrote."""
+
+
+def _prev(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def _tmp_files(path: Path) -> list[Path]:
+    """Temporary files of `path`'s saves (ours: `.<name>.*.tmp`; older code's: `<stem>.tmp`)."""
+    if not path.parent.is_dir():
+        return []
+    legacy = path.with_suffix(".tmp")
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) + ([legacy] if legacy.is_file() else [])
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """A save killed mid-write (SIGKILL, power loss) leaves its temporary file; the next load or save of
+    the same checkpoint removes it. One stage version has one writer (its work dir), so none is live."""
+    for tmp in _tmp_files(path):
+        try:
+            tmp.unlink()
+            log.warning("removed %s, left by a checkpoint save of %s that was interrupted", tmp, path)
+        except FileNotFoundError:
+            pass
 
 
 def save_checkpoint(path: Path, **state) -> None:
+    """Write `state` (tensors and plain values only) to `path` atomically; keep the previous one as `<name>.prev`.
+
+    On any failure (a full disk included) the temporary file is removed and the error names `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _remove_stale_tmp(path)
+    prev = _prev(path)
+    if path.is_file():  # the current checkpoint stays the fallback while the new one is written: at most 2 on disk
+        prev.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_file():  # the current one becomes .prev; `path` itself never goes missing
+            try:
+                prev.unlink(missing_ok=True)
+                os.link(path, prev)
+            except OSError:  # no hard links on this filesystem
+                os.replace(path, prev)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+            raise OSError(e.errno, f"could not save checkpoint {path}{hint}: {e.strerror or e}") from e
+        if isinstance(e, Exception):
+            raise RuntimeError(f"could not save checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _why_unreadable(e: BaseException) -> str:
+    # torch's own text advises retrying with weights_only=False; never pass that on, keep the cause only
+    lines = [l.strip() for l in str(e).splitlines() if l.strip() and "weights_only" not in l and "documentation" not in l]
+    lines = [l.removeprefix("WeightsUnpickler error:").strip() for l in lines]
+    refused = next((l for l in lines if "global" in l.lower()), "")
+    if isinstance(e, pickle.UnpicklingError) and refused:  # weights_only refused a class or function
+        return ("it holds objects other than tensors and plain values, which could run code when unpickled; "
+                f"it was not loaded ({refused.split('. ')[0][:200]})")
+    if isinstance(e, EOFError) or not lines:
+        return "it is empty or truncated"
+    return f"it is truncated or corrupt ({type(e).__name__}: {lines[0].split('. ')[0][:200]})"
+
+
+def load_checkpoint(path: Path, required: Sequence[str] = ("step",)) -> dict | None:
+    """The newest readable checkpoint at `path` (or its `.prev`), loaded with `weights_only=True`; None when
+    there is none. An unreadable one (truncated, corrupt, not plain tensors, missing `required` keys) is
+    moved aside to `<name>.corrupt` with a warning naming the file and why; it never stops the run."""
+    path = Path(path)
+    _remove_stale_tmp(path)
+    for cand in (path, _prev(path)):
+        if not cand.is_file():
+            continue
+        try:
+            state = torch.load(cand, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise _Unusable(f"it holds a {type(state).__name__}, not a dict of training state")
+            missing = [k for k in required if k not in state]
+            if missing:
+                raise _Unusable(f"it lacks {', '.join(missing)}")
+            if "step" in required and (not isinstance(state["step"], int) or state["step"] < 0):
+                raise _Unusable(f"its step is {state['step']!r}")
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside, never fatal
+            why = str(e) if isinstance(e, _Unusable) else _why_unreadable(e)
+            aside = cand.with_name(cand.name + ".corrupt")
+            try:
+                os.replace(cand, aside)
+                moved = f"moved it to {aside}"
+            except OSError as oe:
+                cand.unlink(missing_ok=True)
+                moved = f"deleted it (could not move it aside: {oe})"
+            then = f"trying {_prev(path)}" if cand == path and _prev(path).is_file() else "training starts from step 0"
+            log.warning("checkpoint %s is unusable: %s; %s; %s", cand, why, moved, then)
+            continue
+        if cand != path:
+            log.warning("resuming from the previous checkpoint %s (step %s)", cand, state.get("step"))
+        return state
+    return None
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -178,13 +303,15 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total_steps, warmup, tc.min_lr_ratio))
     ckpt_path = ctx.work_dir / ckpt_name
     start_step, resumed_from = 0, 0
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "step"))
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = resumed_from = state["step"]
+    del state
+    ctx.resume_metrics(start_step)  # steps from here on are logged again: each step once in metrics.jsonl
 
     tokens = 0
     t0 = time.time()

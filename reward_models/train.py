@@ -85,9 +85,11 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
         order += torch.randperm(len(train), generator=g).tolist()
     ckpt = ctx.work_dir / "rm_state.pt"
     start = resumed = 0
-    if (state := load_checkpoint(ckpt)) is not None:
+    if (state := load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "step"))) is not None:
         model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
         start = resumed = state["step"]
+    del state
+    ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
 
     t0, pairs_done = time.time(), 0
     bar = ctx.progress(total, f"train {kind} RM", unit="step")
