@@ -221,6 +221,8 @@ def test_two_concurrent_builders_make_one_build(tmp_path):
     first = _builder(run_dir, log)
     assert first.stdout.readline().startswith("[run]")
     second = _builder(run_dir, log)
+    rows = status_rows(str(run_dir))
+    assert rows[0]["status"] == "running" and f"pid {first.pid} on {socket.gethostname()}" in rows[0]["lease"]
     out1, _ = first.communicate(timeout=120)
     out2, _ = second.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, out1 + out2
@@ -255,6 +257,21 @@ def test_foreign_host_lease_is_respected_until_it_expires(tmp_path):
     assert time.time() - t0 >= 3.0  # it waited for the expiry before taking over
     assert log.read_text() == "build\n" and _result(proc.stdout)["version"] == version
     assert leftovers(run_dir) == []
+
+
+def test_cleanup_keeps_a_build_whose_lease_is_live_on_another_host(tmp_path):
+    reg = Registry(tmp_path / "run")
+    live = reg.new_build_dir("sft", 0, "aaaaaaaaaaaa")
+    dead = reg.new_build_dir("sft", 0, "bbbbbbbbbbbb")
+    lease = reg.lease_path("sft", 0, "aaaaaaaaaaaa")
+    lease.parent.mkdir(parents=True)
+    # the pid in the build dir's name is ours, but the lease says another host is building it
+    lease.write_text(json.dumps({"host": "gpu-node-7", "pid": 1, "token": "t", "ttl_s": 60, "heartbeat_at": time.time()}))
+    reg.clean_stale_builds()
+    assert live.is_dir() and not dead.exists()
+    lease.write_text(json.dumps({"host": "gpu-node-7", "pid": 1, "token": "t", "ttl_s": 60, "heartbeat_at": time.time() - 61}))
+    reg.clean_stale_builds()  # expired: the other host is gone
+    assert not live.exists()
 
 
 def test_lease_of_a_dead_local_builder_is_taken_over_at_once(tmp_path):
