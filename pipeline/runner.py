@@ -227,12 +227,12 @@ class Runner:
         spec = self._check_round(stage, round)
         inputs = self.resolve_inputs(stage, round)
         version = self.version(stage, round, {role: a.version for role, a in inputs.items()})
-        if spec.check is not None:  # bad user input stops here, before anything is written
-            _import_entry(spec.check)(self.cfg, round)
         existing = self._cached(stage, round, version, force)
         if existing is not None and not force:
             self.echo(f"[cached] {stage} round {round} ({version})")
             return StageResult(existing, True, time.time() - t0)
+        if spec.check is not None:  # bad user input stops here, before anything is written
+            _import_entry(spec.check)(self.cfg, round)
 
         def waiting(info):
             from .locks import describe

@@ -220,6 +220,7 @@ def test_two_concurrent_builders_make_one_build(tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "builds.log"
     first = _builder(run_dir, log)
     assert first.stdout.readline().startswith("[run]")
+    assert first.stdout.readline().startswith("STARTED")
     second = _builder(run_dir, log)
     rows = status_rows(str(run_dir))
     assert rows[0]["status"] == "running" and f"pid {first.pid} on {socket.gethostname()}" in rows[0]["lease"]
