@@ -5,7 +5,6 @@ metrics cut back to the checkpoint's step on resume, and the PPO value head as s
 Everything runs a real (tiny) Llama through `train_causal_lm`; the reward-model and PPO resumes run the
 real stages through the Runner with a crash injected after a checkpoint."""
 import errno
-import json
 import logging
 import os
 import signal
