@@ -159,7 +159,7 @@ def test_sft_resumes_after_kill(run, tmp_path):
     while time.time() < deadline and ckpt is None:
         found = list((run_dir / "work" / "sft").glob("*/train_state.pt")) if (run_dir / "work" / "sft").exists() else []
         if found:
-            state = torch.load(found[0], weights_only=False)
+            state = torch.load(found[0], weights_only=True)
             if state["step"] >= 6:
                 ckpt = state["step"]
         time.sleep(0.2)
