@@ -181,8 +181,11 @@ class Registry:
             return att
         path = self.lease_path(att["stage"], att["round"], att["version"])
         info = locks.read_lease(path)
-        if locks.lease_state(path, info) == "held":
+        state = locks.lease_state(path, info)
+        if state == "held":
             return {**att, "lease": locks.describe(info)}
+        if state == "free" and att.get("host") == locks.HOST and isinstance(att.get("pid"), int) and locks.pid_alive(att["pid"]):
+            return att  # no lease file (recorded by an older version): judge by the pid on this host
         return {**att, "status": "interrupted", "error": att.get("error") or
                 f"the builder (pid {att.get('pid')} on {att.get('host')}) stopped without finishing; rerun to resume"}
 

@@ -94,8 +94,8 @@ def test_running_attempt_of_a_dead_process_is_marked(tmp_path):
     run = _partial(tmp_path, dead.pid)
     table = D.stage_table(run)
     row = table[(table["stage"] == "collect_preferences") & (table["round"] == 1)].iloc[0]
-    assert row["status"] == "running" and row["stale"]
-    assert "process gone" in D.stage_label(row)
+    assert row["status"] == "interrupted"  # the registry reads a dead builder's "running" attempt as interrupted
+    assert D.stage_label(row).startswith("interrupted: the builder (pid") and "rerun to resume" in D.stage_label(row)
 
 
 def test_empty_missing_and_broken_run_dirs(tmp_path):
