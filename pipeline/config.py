@@ -232,6 +232,7 @@ class EvaluateConfig(_Cfg):
     gatt_turns: int = Field(6, ge=1, description="Turns of the multi-turn adherence check.")
     gatt_dialogues: int = Field(30, ge=1, description="Dialogues of the multi-turn adherence check.")
     hacking_tolerance: float = Field(0.02, ge=0, description="Flag reward hacking when reward rises while gold helpfulness falls by more than this.")
+    judge: str = Field("rm", pattern=r"^(rm|command:\s*\S.*)$", description="Pairwise judge of the win rates outside the demo (the demo also judges with its gold oracle): 'rm' (the optimised reward models; not independent) or 'command: <shell command>' reading JSONL {prompt, a, b} on stdin and writing one {\"winner\": \"a\"|\"b\"|\"tie\"} line per pair (e.g. an LLM-as-judge).")
 
 
 class TrackingConfig(_Cfg):

@@ -90,3 +90,89 @@ def test_each_comparison_uses_its_own_baseline():
     assert gold_deltas["vs_sft"]["gold_safety_violation_rate"][0] == pytest.approx(-1.0)
     fired = reward_hacking_tests(reward_delta, gold_deltas)
     assert [(t["metric"], t["comparison"]) for t in fired] == [("gold_helpfulness", "vs_previous")]
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+JUDGE_SCRIPT = r'''
+import json, sys
+for line in sys.stdin:
+    if line.strip():
+        pair = json.loads(line)
+        assert isinstance(pair["prompt"], list) and {"a", "b"} <= set(pair)
+        a, b = len(pair["a"]), len(pair["b"])  # the longer answer wins
+        print(json.dumps({"winner": "a" if a > b else "b" if b > a else "tie"}))
+'''
+
+
+def test_command_judge_reads_pairs_and_maps_back_the_shown_order(tmp_path):
+    import sys
+
+    from policies.evaluate import CommandJudge, make_judge
+
+    script = tmp_path / "judge.py"
+    script.write_text(JUDGE_SCRIPT)
+    judge = make_judge(f"command: {sys.executable} {script}", seed=3)
+    assert isinstance(judge, CommandJudge) and judge.name == f"command: {sys.executable} {script}"
+    dialogues = [[{"role": "user", "content": f"q{i}"}] for i in range(20)]
+    a = ["long answer"] * 10 + ["x"] * 5 + ["same"] * 5
+    b = ["short"] * 10 + ["longer one"] * 5 + ["same"] * 5
+    assert judge.outcomes(None, dialogues, a, b) == [1.0] * 10 + [0.0] * 5 + [0.5] * 5  # independent of the random order
+    assert make_judge("rm") is None
+
+
+def test_command_judge_failures_are_stage_failures(tmp_path):
+    import sys
+
+    from pipeline.errors import StageFailed
+    from policies.evaluate import make_judge
+
+    d = [[{"role": "user", "content": "q"}]] * 2
+    for body in ("print('{\"winner\": \"a\"}')", "import sys; sys.exit(3)",
+                 "import sys\nfor l in sys.stdin: print('{\"winner\": \"left\"}')", "import sys\nfor l in sys.stdin: print('oops')"):
+        script = tmp_path / "bad.py"
+        script.write_text(body)
+        with pytest.raises(StageFailed):
+            make_judge(f"command: {sys.executable} {script}").outcomes(None, d, ["a", "b"], ["c", "d"])
+    with pytest.raises(StageFailed):
+        make_judge("gpt-4")
+
+
+def test_judge_option_is_validated_by_the_config():
+    from pydantic import ValidationError
+
+    from pipeline.config import EvaluateConfig
+
+    assert EvaluateConfig().judge == "rm" and EvaluateConfig(judge="command: python j.py").judge == "command: python j.py"
+    with pytest.raises(ValidationError):
+        EvaluateConfig(judge="gpt-4")
+
+
+HEADLINE_CI = ("gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "gold_win_rate_vs_sft",
+               "gold_win_rate_vs_previous", "rm_win_rate_vs_sft", "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety",
+               "mean_reward", "kl_to_sft")
+
+
+def test_evaluate_reports_gold_and_rm_win_rates_with_intervals(tiny_run):
+    from pipeline.io import read_json
+
+    _, arts = tiny_run
+    e = arts[("evaluate", 1)]
+    m = e.metrics
+    assert m["judge"] == "gold_oracle" and m["rm_judge"] == "rm (optimised; not independent)"
+    for k in HEADLINE_CI:
+        lo, hi = m[f"{k}_ci95"]
+        assert lo - 1e-9 <= m[k] <= hi + 1e-9, (k, lo, m[k], hi)
+    for k in ("gold_win_rate_vs_sft", "gold_win_rate_vs_previous", "rm_win_rate_vs_sft", "rm_win_rate_vs_previous"):
+        assert 0 <= m[k] <= 1
+    assert m["win_rate_vs_sft"] == m["rm_win_rate_vs_sft"]  # deprecated alias
+    assert m["better_than_sft"] == (m["gold_win_rate_vs_sft_ci95"][0] > 0.5) and m["better_than_sft_by"] == "gold_win_rate_vs_sft"
+    assert isinstance(m["reward_hacking"], bool) and m["reward_hacking"] == bool(m["reward_hacking_tests"])
+    for comp in ("vs_sft", "vs_previous"):
+        lo, hi = m[f"gold_helpfulness_diff_{comp}_ci95"]
+        assert lo - 1e-9 <= m[f"gold_helpfulness_diff_{comp}"] <= hi + 1e-9
+    report = read_json(e.file("report.json"))
+    assert report["metrics"]["gold_win_rate_vs_sft_ci95"] == m["gold_win_rate_vs_sft_ci95"]
+    assert report["history"][-1]["gold_helpfulness_ci95"] == m["gold_helpfulness_ci95"]
+    assert "[" in e.file("report.md").read_text()
