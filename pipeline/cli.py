@@ -266,23 +266,51 @@ def lineage(
     Console().print(root)
 
 
-REPORT_COLUMNS = ("gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "win_rate_vs_sft", "win_rate_vs_previous",
-                  "rm_accuracy_helpful", "rm_accuracy_safety", "gatt_adherence_late_turns", "kl_to_sft", "reward_hacking")
+REPORT_COLUMNS = ("gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate",
+                  "gold_win_rate_vs_sft", "gold_win_rate_vs_previous", "judge_win_rate_vs_sft", "judge_win_rate_vs_previous",
+                  "rm_win_rate_vs_sft", "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety",
+                  "gatt_adherence_late_turns", "kl_to_sft", "better_than_sft", "reward_hacking")
 
 
 def report_rows(run_dir: str) -> list[dict]:
-    """Per-round results: the SFT baseline (round 0) and each round's `evaluate` metrics."""
+    """Per-round results: the SFT baseline (round 0) and each round's `evaluate` metrics, each with its
+    95% bootstrap interval `<name>_ci95` where evaluate reported one, the judge behind the headline win
+    rate, and the reward-hacking tests that fired."""
     from .registry import Registry
+
+    def row(rd: str, m: dict) -> dict:
+        out = {"round": rd}
+        for k in REPORT_COLUMNS:
+            out[k] = m.get(k)
+            if f"{k}_ci95" in m:
+                out[f"{k}_ci95"] = m[f"{k}_ci95"]
+        out["judge"] = m.get("judge")
+        out["reward_hacking_tests"] = m.get("reward_hacking_tests")
+        return out
 
     reg = Registry(run_dir)
     rows = []
     sft = reg.find("sft", 0)
     if sft is not None:
-        rows.append({"round": "0 (SFT)", **{k: sft.metrics.get(k) for k in REPORT_COLUMNS}})
+        rows.append(row("0 (SFT)", sft.metrics))
     evals = sorted((a for a in reg.iter_artifacts("evaluate") if reg.find("evaluate", a.round).version == a.version), key=lambda a: a.round)
     for a in evals:
-        rows.append({"round": str(a.round), **{k: a.metrics.get(k) for k in REPORT_COLUMNS}})
+        rows.append(row(str(a.round), a.metrics))
     return rows
+
+
+def _report_cell(r: dict, c: str) -> str:
+    """"0.520 [0.470, 0.570]": a value with its 95% interval; reward hacking with the tests that fired."""
+    v = r.get(c)
+    if v is None:
+        return ""
+    if c == "reward_hacking" and v:
+        fired = ", ".join(f"{t['metric']} {t['comparison']}" for t in r.get("reward_hacking_tests") or [])
+        return f"True ({fired})" if fired else "True"
+    if not isinstance(v, float):
+        return str(v)
+    ci = r.get(f"{c}_ci95")
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
 @app.command()
@@ -290,18 +318,24 @@ def report(
     run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a Markdown table."),
 ) -> None:
-    """Per-round results table (Markdown) from the registry: gold scores, win rates, RM accuracy, GAtt adherence."""
+    """Per-round results table (Markdown) from the registry: gold scores, gold- and RM-judged win rates, RM
+    accuracy, GAtt adherence, each with its 95% bootstrap interval over prompts, and the reward-hacking flag."""
     rows = report_rows(run_dir)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
     if not rows:
         _fail(f"no sft or evaluate artifacts in {run_dir}", 1)
-    cols = ["round", *REPORT_COLUMNS]
+    cols = ["round", *(c for c in REPORT_COLUMNS if any(r.get(c) is not None for r in rows))]
     typer.echo("| " + " | ".join(cols) + " |")
     typer.echo("|" + " --- |" * len(cols))
     for r in rows:
-        typer.echo("| " + " | ".join("" if r[c] is None else (f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols) + " |")
+        typer.echo("| " + " | ".join(_report_cell(r, c) for c in cols) + " |")
+    judges = sorted({r["judge"] for r in rows if r.get("judge")})
+    if judges:
+        typer.echo("")
+        typer.echo(f"Values: estimate [95% bootstrap interval over prompts]. Headline win-rate judge: {', '.join(judges)}; "
+                   "rm_win_rate_* are judged by the optimised reward models (not independent).")
 
 
 @data_app.command("validate")

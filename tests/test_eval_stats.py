@@ -176,3 +176,26 @@ def test_evaluate_reports_gold_and_rm_win_rates_with_intervals(tiny_run):
     assert report["metrics"]["gold_win_rate_vs_sft_ci95"] == m["gold_win_rate_vs_sft_ci95"]
     assert report["history"][-1]["gold_helpfulness_ci95"] == m["gold_helpfulness_ci95"]
     assert "[" in e.file("report.md").read_text()
+
+
+def test_rlhf_report_shows_values_with_intervals_and_both_win_rates(tiny_run):
+    import re
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app, report_rows
+
+    cfg, arts = tiny_run
+    rows = report_rows(str(cfg.run_dir))
+    r1 = next(r for r in rows if r["round"] == "1")
+    m = arts[("evaluate", 1)].metrics
+    assert r1["gold_win_rate_vs_sft_ci95"] == m["gold_win_rate_vs_sft_ci95"] and r1["rm_win_rate_vs_sft"] == m["rm_win_rate_vs_sft"]
+    assert r1["judge"] == "gold_oracle"
+    out = CliRunner().invoke(app, ["report", "--run-dir", str(cfg.run_dir)]).output
+    header = out.splitlines()[0]
+    assert "gold_win_rate_vs_sft" in header and "rm_win_rate_vs_sft" in header
+    line1 = next(ln for ln in out.splitlines() if ln.startswith("| 1 |"))
+    lo, hi = m["gold_win_rate_vs_sft_ci95"]
+    assert f"{m['gold_win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}]" in line1
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", line1)
+    assert "gold_oracle" in out
