@@ -71,11 +71,18 @@ def chart(fig: go.Figure, key: str, height: int = 340) -> None:
 
 
 def line(df: pd.DataFrame, x: str, series: dict[str, str], title: str, yrange=None, dash: dict | None = None) -> go.Figure:
+    """One line per column; error bars from <col>_lo / <col>_hi (evaluate's 95% bootstrap intervals) where present."""
     fig = go.Figure()
     for col, name in series.items():
         if col in df.columns and df[col].notna().any():
             d = df[[x, col]].dropna()
-            fig.add_trace(go.Scatter(x=d[x], y=d[col], mode="lines+markers", name=name,
+            err = None
+            lo, hi = f"{col}_lo", f"{col}_hi"
+            if lo in df.columns and hi in df.columns:
+                b = df.loc[d.index, [lo, hi]]
+                err = dict(type="data", symmetric=False, array=(b[hi] - d[col]).clip(lower=0).fillna(0),
+                           arrayminus=(d[col] - b[lo]).clip(lower=0).fillna(0), visible=True)
+            fig.add_trace(go.Scatter(x=d[x], y=d[col], mode="lines+markers", name=name, error_y=err,
                                      line=dict(dash=(dash or {}).get(col, "solid"))))
     fig.update_layout(title=title, xaxis_title=x)
     if yrange:
@@ -149,8 +156,11 @@ def render_overview() -> None:
         prev = evaluated.iloc[-2] if len(evaluated) > 1 else None
         st.subheader(f"Round {int(last['round'])} evaluation")
         cols = st.columns(5)
-        cards = [("Gold helpfulness", "gold_helpfulness", "normal"), ("Win rate vs SFT", "win_rate_vs_sft", "normal"),
-                 ("Win rate vs previous", "win_rate_vs_previous", "normal"),
+        gold_judged = pd.notna(last.get("gold_win_rate_vs_sft", float("nan")))
+        judge = "gold" if gold_judged else "RM, optimised"
+        wr = "gold_win_rate" if gold_judged else "rm_win_rate"
+        cards = [("Gold helpfulness", "gold_helpfulness", "normal"), (f"Win rate vs SFT ({judge})", f"{wr}_vs_sft", "normal"),
+                 (f"Win rate vs previous ({judge})", f"{wr}_vs_previous", "normal"),
                  ("Safety violation rate", "gold_safety_violation_rate", "inverse"), ("False refusal rate", "false_refusal_rate", "inverse")]
         for col, (label, key, color) in zip(cols, cards):
             v = last.get(key)
@@ -158,13 +168,20 @@ def render_overview() -> None:
                 col.metric(label, "—")
                 continue
             delta = None
-            if prev is not None and key in prev and pd.notna(prev[key]) and key != "win_rate_vs_previous":
+            if prev is not None and key in prev and pd.notna(prev[key]) and not key.endswith("_vs_previous"):
                 delta = f"{v - prev[key]:+.3f} vs round {int(prev['round'])}"
-            col.metric(label, f"{v:.3f}", delta, delta_color=color)
+            lo, hi = last.get(f"{key}_lo"), last.get(f"{key}_hi")
+            ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi) else ""
+            col.metric(label, f"{v:.3f}{ci}", delta, delta_color=color, help="value [95% bootstrap interval over prompts]")
+        if isinstance(last.get("better_than_sft"), bool):
+            st.caption(f"Better than SFT: {'yes' if last['better_than_sft'] else 'not shown'} "
+                       f"(claimed only when the 95% interval of the {judge}-judged win rate vs SFT lies above 0.5).")
         if bool(last.get("hacking_flag")):
-            st.warning(f"Round {int(last['round'])}: reward rose while the gold score fell — possible reward hacking (see Trends).")
+            fired = last.get("hacking_tests")
+            fired = f" Tests that fired: {fired}." if isinstance(fired, str) and fired else ""
+            st.warning(f"Round {int(last['round'])}: reward rose while the gold score fell — possible reward hacking (see Trends).{fired}")
     st.subheader("Rounds")
-    status_cols = [c for c in ov.columns if c not in D.EVAL_HEADLINE and c != "errors"]
+    status_cols = [c for c in ov.columns if c not in D.EVAL_HEADLINE and c not in D.LEGACY_ALIASES and c != "errors"]
     table = ov[status_cols].copy()
     table["round"] = table["round"].map(lambda r: f"Round {r}")
     stage_cols = [c for c in table.columns if c in D.SHORT.values()]
@@ -173,7 +190,8 @@ def render_overview() -> None:
     metrics = ov[metric_cols].copy()
     st.markdown("**Headline metrics** (round 0: the SFT model; rounds ≥ 1: evaluate)")
     st.dataframe(metrics, hide_index=True, column_config={
-        c: st.column_config.NumberColumn(c.replace("_", " "), format="%.3f") for c in metric_cols if c not in ("round", "reward_hacking")})
+        c: st.column_config.NumberColumn(c.replace("_", " "), format="%.3f") for c in metric_cols
+        if c not in ("round", "reward_hacking", "better_than_sft")})
     st.caption("done (duration) · running (for how long) · failed (reason) · not started · n/a: not part of this round "
                "(PPO and Ghost Attention start from a later round)")
 
@@ -191,17 +209,25 @@ def render_trends() -> None:
     for _, r in flagged.iterrows():
         prev = tr[(tr["round"] < r["round"]) & tr.get("mean_reward", pd.Series(dtype=float)).notna()].tail(1)
         detail = ""
-        if not prev.empty and pd.notna(r.get("mean_reward")):
+        fired = r.get("hacking_tests")
+        if isinstance(fired, str) and fired:  # evaluate's interval-based tests: metric, baseline, paired difference [95% CI]
+            detail = f": the reward rose while these gold metrics got worse beyond their 95% interval — {fired}"
+        elif not prev.empty and pd.notna(r.get("mean_reward")):
             p = prev.iloc[0]
             detail = (f": mean reward {p['mean_reward']:.3f} → {r['mean_reward']:.3f} while gold helpfulness "
                       f"{p['gold_helpfulness']:.3f} → {r['gold_helpfulness']:.3f}")
         st.warning(f"Possible reward hacking in round {int(r['round'])}{detail}.")
     if flagged.empty:
         st.success("No round where the reward rose while the gold score fell.")
+    st.caption("Error bars: 95% bootstrap intervals over the evaluation prompts.")
 
     c1, c2 = st.columns(2)
     with c1:
-        fig = line(tr, "round", {"win_rate_vs_sft": "vs SFT", "win_rate_vs_previous": "vs previous round"}, "Win rate", [0, 1])
+        fig = line(tr, "round", {"gold_win_rate_vs_sft": "vs SFT (gold judge)", "gold_win_rate_vs_previous": "vs previous (gold judge)",
+                                 "judge_win_rate_vs_sft": "vs SFT (external judge)",
+                                 "judge_win_rate_vs_previous": "vs previous (external judge)",
+                                 "rm_win_rate_vs_sft": "vs SFT (RM, optimised)", "rm_win_rate_vs_previous": "vs previous (RM, optimised)"},
+                   "Win rate", [0, 1], dash={"rm_win_rate_vs_sft": "dot", "rm_win_rate_vs_previous": "dot"})
         fig.add_hline(y=0.5, line_dash="dot", line_color="gray")
         chart(fig, "win_rate")
     with c2:
@@ -213,8 +239,13 @@ def render_trends() -> None:
                                       ("rs_best_reward", "RS best reward", "#ffbb78", True)):
             if col in d and d[col].notna().any():
                 dd = d[["round", col]].dropna()
-                fig.add_trace(go.Scatter(x=dd["round"], y=dd[col], name=name, mode="lines+markers", line=dict(color=color)),
-                              secondary_y=sec)
+                err = None
+                if f"{col}_lo" in d and f"{col}_hi" in d:  # 95% bootstrap interval
+                    b = d.loc[dd.index]
+                    err = dict(type="data", symmetric=False, array=(b[f"{col}_hi"] - dd[col]).clip(lower=0).fillna(0),
+                               arrayminus=(dd[col] - b[f"{col}_lo"]).clip(lower=0).fillna(0), visible=True)
+                fig.add_trace(go.Scatter(x=dd["round"], y=dd[col], name=name, mode="lines+markers", line=dict(color=color),
+                                         error_y=err), secondary_y=sec)
         if "gold_helpfulness" in tr and tr.loc[tr["round"] == 0, "gold_helpfulness"].notna().any():
             fig.add_hline(y=float(tr.loc[tr["round"] == 0, "gold_helpfulness"].iloc[0]), line_dash="dot", line_color=COLORS["gold"],
                           annotation_text="SFT gold")

@@ -33,8 +33,14 @@ LABEL = {"complete": "done", "running": "running", "failed": "failed", "interrup
          "not in round": "n/a"}
 CELL_COLORS = {"done": "#dff3e4", "running": "#fff3c4", "failed": "#fde0df", "interrupted": "#efe3fb", "not started": "#f1f1f1",
                "n/a": "#ffffff"}
-EVAL_HEADLINE = ["gold_helpfulness", "win_rate_vs_sft", "win_rate_vs_previous", "gold_safety_violation_rate",
-                 "false_refusal_rate", "mean_reward", "reward_hacking"]
+EVAL_HEADLINE = ["gold_helpfulness", "gold_win_rate_vs_sft", "gold_win_rate_vs_previous", "rm_win_rate_vs_sft", "rm_win_rate_vs_previous",
+                 "gold_safety_violation_rate", "false_refusal_rate", "mean_reward", "better_than_sft", "reward_hacking"]
+# evaluate's older artifacts named the RM-judged win rates without the rm_ prefix; the frames keep these columns as aliases
+LEGACY_ALIASES = {"win_rate_vs_sft": "rm_win_rate_vs_sft", "win_rate_vs_previous": "rm_win_rate_vs_previous"}
+# metrics whose 95% bootstrap interval (`<name>_ci95: [low, high]` in evaluate's metrics) becomes <name>_lo / <name>_hi in trends
+CI_METRICS = ["gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "gold_win_rate_vs_sft",
+              "gold_win_rate_vs_previous", "judge_win_rate_vs_sft", "judge_win_rate_vs_previous", "rm_win_rate_vs_sft",
+              "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety", "mean_reward", "kl_to_sft"]
 STRENGTHS = ["significantly_better", "better", "slightly_better", "negligibly_better_or_unsure"]
 WANDB_LINEAGE_FILE = "rlhf-lineage.json"  # written by pipeline.wandb_tracker beside each offline run
 
@@ -98,6 +104,26 @@ def _newest(reg: Registry) -> dict[tuple[str, int], Artifact]:
         if key not in out or a.manifest.get("finished_at", 0) >= out[key].manifest.get("finished_at", 0):
             out[key] = a
     return out
+
+
+def eval_metric(m: dict, k: str) -> Any:
+    """A metric of evaluate, reading the RM-judged win rates of older artifacts under their legacy names."""
+    if k in m:
+        return m[k]
+    legacy = {v: k2 for k2, v in LEGACY_ALIASES.items()}.get(k)
+    return m.get(legacy) if legacy else None
+
+
+def hacking_tests_text(tests: Any) -> str:
+    """evaluate's reward_hacking_tests as one line: "gold_helpfulness vs_previous: -0.075 [-0.120, -0.030]; ..."."""
+    out = []
+    for t in tests or []:
+        try:
+            lo, hi = t["interval"]
+            out.append(f"{t['metric']} {t['comparison']}: {t['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        except (KeyError, TypeError, ValueError):
+            continue
+    return "; ".join(out)
 
 
 def _num(v: Any) -> float | None:
@@ -272,8 +298,8 @@ def overview(run_dir: str | Path) -> pd.DataFrame:
         row["duration"] = fmt_duration(dur.sum()) if len(dur) else ""
         src = newest.get(("evaluate", int(rd))) if rd > 0 else newest.get(("sft", 0))
         metrics = src.metrics if src else {}
-        for k in EVAL_HEADLINE:
-            v = metrics.get(k)
+        for k in EVAL_HEADLINE + list(LEGACY_ALIASES):
+            v = eval_metric(metrics, LEGACY_ALIASES.get(k, k))
             row[k] = v if not isinstance(v, bool) else ("yes" if v else "no")
         errors = [f"{r['stage']}: {r['error']}" for _, r in group.iterrows() if r["status"] == "failed"]
         row["errors"] = "; ".join(errors)
@@ -300,9 +326,11 @@ def active(run_dir: str | Path) -> list[dict]:
 
 def trends(run_dir: str | Path) -> pd.DataFrame:
     """One row per round: round 0 is the SFT baseline, rounds >= 1 evaluate's metrics, with the reward
-    models' own accuracies and rejection sampling / PPO rewards beside them. `hacking_flag` is True
-    where the mean reward rose and the gold helpfulness fell relative to the previous round (or where
-    evaluate itself reported reward hacking)."""
+    models' own accuracies and rejection sampling / PPO rewards beside them, and each metric's 95%
+    bootstrap interval as `<name>_lo` / `<name>_hi` where evaluate reported one. `hacking_flag` is
+    evaluate's own verdict where it reported the tests (`hacking_tests`: which fired, with the paired
+    difference and its interval); for older artifacts without them, also True where the mean reward rose
+    and the gold helpfulness fell relative to the previous round."""
     if run_dir_state(run_dir)[0] != "ok":
         return pd.DataFrame()
     newest = _newest(Registry(run_dir))
@@ -316,16 +344,28 @@ def trends(run_dir: str | Path) -> pd.DataFrame:
                 continue
             for k in ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rate"):
                 row[k] = _num(sft.metrics.get(k))
-            row["win_rate_vs_sft"] = 0.5
+            row["win_rate_vs_sft"] = row["rm_win_rate_vs_sft"] = 0.5
+            if "gold_helpfulness" in sft.metrics:
+                row["gold_win_rate_vs_sft"] = 0.5
             rows.append(row)
             continue
         ev = newest.get(("evaluate", rd))
         m = ev.metrics if ev else {}
-        for k in ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rate", "win_rate_vs_sft", "win_rate_vs_previous",
-                  "rm_accuracy_helpful", "rm_accuracy_safety", "mean_reward", "gatt_adherence_late_turns", "mean_response_length",
-                  "kl_to_sft", "sft_gold_helpfulness"):
-            row[k] = _num(m.get(k))
+        for k in ("gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "gold_win_rate_vs_sft",
+                  "gold_win_rate_vs_previous", "judge_win_rate_vs_sft", "judge_win_rate_vs_previous", "rm_win_rate_vs_sft",
+                  "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety", "mean_reward", "gatt_adherence_late_turns",
+                  "mean_response_length", "kl_to_sft", "sft_gold_helpfulness"):
+            row[k] = _num(eval_metric(m, k))
+        for alias, k in LEGACY_ALIASES.items():
+            row[alias] = row[k]
+        for k in CI_METRICS:
+            c = m.get(f"{k}_ci95")
+            if isinstance(c, (list, tuple)) and len(c) == 2 and _num(c[0]) is not None and _num(c[1]) is not None:
+                row[f"{k}_lo"], row[f"{k}_hi"] = _num(c[0]), _num(c[1])
+        row["judge"] = m.get("judge")
+        row["better_than_sft"] = m.get("better_than_sft") if isinstance(m.get("better_than_sft"), bool) else None
         row["reward_hacking"] = bool(m.get("reward_hacking")) if "reward_hacking" in m else None
+        row["hacking_tests"] = hacking_tests_text(m.get("reward_hacking_tests")) if "reward_hacking_tests" in m else None
         for rm, key in (("reward_model_helpful", "rm_accuracy_helpful"), ("reward_model_safety", "rm_accuracy_safety")):
             a = newest.get((rm, rd))
             row[f"{rm}_accuracy"] = _num(a.metrics.get("accuracy")) if a else None
@@ -352,7 +392,8 @@ def trends(run_dir: str | Path) -> pd.DataFrame:
             continue
         verdict = r.get("reward_hacking")
         flag = isinstance(verdict, (bool, np.bool_)) and bool(verdict)  # evaluate's own verdict (NaN/None: not reported)
-        if prev is not None and _num(r.get("mean_reward")) is not None and _num(prev.get("mean_reward")) is not None \
+        interval_tested = isinstance(r.get("hacking_tests"), str)  # evaluate tested against its intervals: trust it
+        if not interval_tested and prev is not None and _num(r.get("mean_reward")) is not None and _num(prev.get("mean_reward")) is not None \
                 and _num(r.get("gold_helpfulness")) is not None and _num(prev.get("gold_helpfulness")) is not None:
             if r["mean_reward"] > prev["mean_reward"] and r["gold_helpfulness"] < prev["gold_helpfulness"]:
                 flag = True

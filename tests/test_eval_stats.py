@@ -1,4 +1,6 @@
 """Bootstrap intervals, paired differences and the reward-hacking tests of `evaluate` (policies/eval_stats.py)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -199,3 +201,66 @@ def test_rlhf_report_shows_values_with_intervals_and_both_win_rates(tiny_run):
     assert f"{m['gold_win_rate_vs_sft']:.3f} [{lo:.3f}, {hi:.3f}]" in line1
     assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", line1)
     assert "gold_oracle" in out
+
+
+# ---------------------------------------------------------------------------------------------- dashboard
+
+
+def _new_format(run, hacked_round: int = 2):
+    """The dashboard fixture's evaluate manifests rewritten to evaluate's current metric names."""
+    import json
+
+    from pipeline.io import write_json
+
+    for p in run.glob("artifacts/evaluate/*/manifest.json"):
+        man = json.loads(p.read_text())
+        m, rd = man["metrics"], man["round"]
+        for old in ("win_rate_vs_sft", "win_rate_vs_previous"):
+            m[f"rm_{old}"] = m.pop(old)
+            m[f"rm_{old}_ci95"] = [m[f"rm_{old}"] - 0.05, m[f"rm_{old}"] + 0.05]
+        m["gold_win_rate_vs_sft"], m["gold_win_rate_vs_sft_ci95"] = 0.55, [0.48, 0.62]
+        m["gold_win_rate_vs_previous"], m["gold_win_rate_vs_previous_ci95"] = 0.45, [0.40, 0.50]
+        m["gold_helpfulness_ci95"] = [m["gold_helpfulness"] - 0.03, m["gold_helpfulness"] + 0.02]
+        m["judge"], m["better_than_sft"] = "gold_oracle", False
+        m["reward_hacking_tests"] = [{"metric": "gold_helpfulness_greedy", "comparison": "vs_sft", "drop": 0.075, "diff": -0.075,
+                                      "interval": [-0.12, -0.03], "reward_rise": 0.3}] if rd == hacked_round else []
+        m["reward_hacking"] = bool(m["reward_hacking_tests"])
+        write_json(p, man)
+    return run
+
+
+def test_dashboard_reads_intervals_gold_win_rates_and_the_tests_that_fired(tmp_path):
+    from dashboard import data as D
+    from tests.dashboard_fixture import build_run_dir
+
+    run = _new_format(build_run_dir(tmp_path / "run"), hacked_round=1)
+    tr = D.trends(run).set_index("round")
+    assert tr.loc[1, "gold_win_rate_vs_sft"] == 0.55 and (tr.loc[1, "gold_win_rate_vs_sft_lo"], tr.loc[1, "gold_win_rate_vs_sft_hi"]) == (0.48, 0.62)
+    assert tr.loc[2, "rm_win_rate_vs_sft"] == pytest.approx(0.713) and tr.loc[2, "win_rate_vs_sft"] == pytest.approx(0.713)
+    assert tr.loc[2, "rm_win_rate_vs_sft_hi"] == pytest.approx(0.763)
+    # evaluate's interval-based verdict is trusted: round 2's naive "reward up, gold down" is within the intervals
+    assert D.flagged_rounds(run) == [1]
+    assert tr.loc[1, "hacking_tests"] == "gold_helpfulness_greedy vs_sft: -0.075 [-0.120, -0.030]" and tr.loc[2, "hacking_tests"] == ""
+    ov = D.overview(run).set_index("round")
+    assert ov.loc[2, "gold_win_rate_vs_sft"] == 0.55 and ov.loc[2, "rm_win_rate_vs_sft"] == pytest.approx(0.713)
+
+
+def test_dashboard_app_shows_error_bars_and_which_test_fired(monkeypatch, tmp_path):
+    import json
+
+    from streamlit.testing.v1 import AppTest
+
+    from tests.dashboard_fixture import build_run_dir
+
+    run = _new_format(build_run_dir(tmp_path / "run"), hacked_round=2)
+    monkeypatch.setenv("RLHF_RUN_DIR", str(run))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception
+    warnings = " ".join(w.value for w in at.warning)
+    assert "gold_helpfulness_greedy vs_sft: -0.075 [-0.120, -0.030]" in warnings
+    assert any(m.label == "Win rate vs SFT (gold)" and m.value == "0.550 [0.480, 0.620]" for m in at.metric)
+    figs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    win = next(f for f in figs if f["layout"].get("title", {}).get("text") == "Win rate")
+    bars = {t["name"]: t.get("error_y", {}) for t in win["data"]}
+    assert bars["vs SFT (gold judge)"]["array"] and bars["vs SFT (RM, optimised)"]["arrayminus"]
