@@ -335,7 +335,36 @@ def _split_conversations(c: list, r: list) -> tuple[list, str, str]:
     return c[:k], replies[0], replies[1]
 
 
+def _split_texts(c: str, r: str) -> tuple[list, str, str]:
+    """TRL's implicit-prompt *standard* preference (``{"chosen": "The sky is blue.", "rejected": "The sky is
+    green."}``): the common prefix of the two texts is the prompt (one user turn), the rest of each the reply.
+    The prefix is cut back to a word boundary (TRL cuts at the first differing character, so "The sky is b" /
+    "lue." vs "rown."); surrounding whitespace is stripped from every part."""
+    for key, v in (("chosen", c), ("rejected", r)):
+        if not v.strip():
+            raise _Bad(key, "must not be empty")
+    if c == r:
+        raise _Bad("rejected", "chosen and rejected responses are identical")
+    k = 0
+    while k < min(len(c), len(r)) and c[k] == r[k]:
+        k += 1
+    cut = k
+    if not (k > 0 and c[k - 1].isspace()):  # inside a word (or at the end of one text): back to the last whitespace
+        while cut > 0 and not c[cut - 1].isspace():
+            cut -= 1
+    prompt = c[:cut].strip()
+    if not prompt:
+        raise _Bad("chosen", "implicit-prompt preference without a shared prompt: chosen and rejected must begin with "
+                             "the same prompt text (or give a separate 'prompt' field)")
+    return [{"role": "user", "content": prompt}], c[cut:].strip(), r[cut:].strip()
+
+
 _HH_TURN = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+
+
+def _looks_hh(v: Any) -> bool:
+    """An HH-RLHF transcript: starts with "Human:" or has a "\n\nHuman:" / "\n\nAssistant:" turn."""
+    return isinstance(v, str) and _HH_TURN.search(v.lstrip()) is not None
 
 
 def parse_hh_transcript(text: str, field: str = "chosen") -> list[dict]:
@@ -399,7 +428,7 @@ def _detect(row: dict, kind: str) -> str:
         if "messages" in row or "prompt" in row or "completion" in row or "text" in row:
             return "trl"
         if kind == "prompt" and "chosen" in row and isinstance(row["chosen"], str):
-            return "hh_rlhf"
+            return "hh_rlhf" if _looks_hh(row["chosen"]) else "trl"
         if kind == "prompt" and "chosen" in row:
             return "trl"
         return "unknown"
@@ -412,12 +441,24 @@ def _detect(row: dict, kind: str) -> str:
     if "chosen" in row or "rejected" in row:
         if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
             return "trl"
-        return "hh_rlhf"
+        # strings: an HH-RLHF transcript ("\n\nHuman: ...") or TRL's implicit-prompt standard preference
+        return "hh_rlhf" if _looks_hh(row.get("chosen")) or _looks_hh(row.get("rejected")) else "trl"
+    if "completion" in row or "completions" in row:
+        return "trl"  # unpaired or stepwise: _trl says why it is not a comparison
     return "unknown"
 
 
+_UNPAIRED = "TRL unpaired preference records (prompt/completion/label) rate one completion, they do not compare two"
+_STEPWISE = "TRL stepwise-supervision records (prompt/completions/labels) label reasoning steps"
+
+
 def _trl(row: dict, kind: str) -> dict:
+    if "completions" in row and "labels" in row and kind in ("sft", "preference"):
+        raise _Bad("completions", f"{_STEPWISE}; not supported as {kind} data")
     if kind == "sft":
+        if "label" in row and "completion" in row:
+            raise _Bad("label", f"{_UNPAIRED}; a completion labeled bad is no SFT target (keep the label-true ones "
+                                "as prompt/completion records)")
         if "messages" in row:
             return {"messages": _messages(row, "messages"), **_source(row)}
         if "prompt" in row or "completion" in row:
@@ -431,15 +472,22 @@ def _trl(row: dict, kind: str) -> dict:
         if "prompt" in row:
             return {"messages": _turns(row, "prompt", "user"), **_prompt_meta(row)}
         if "chosen" in row:  # implicit-prompt preference: the shared prefix
-            prompt, _, _ = _split_conversations(_messages(row, "chosen"), _messages(row, "rejected"))
+            if isinstance(row["chosen"], str):
+                prompt, _, _ = _split_texts(_text(row, "chosen"), _text(row, "rejected"))
+            else:
+                prompt, _, _ = _split_conversations(_messages(row, "chosen"), _messages(row, "rejected"))
             return {"messages": prompt, **_prompt_meta(row)}
         raise _Bad("-", f"not a TRL prompt record: expected 'prompt' or 'messages' (keys: {sorted(row)})")
     if kind == "preference":
+        if "completion" in row and "chosen" not in row:
+            raise _Bad("completion", f"{_UNPAIRED}; a preference needs chosen and rejected")
         if "prompt" in row:
             p = _turns(row, "prompt", "user")
             c = _turns(row, "chosen", "assistant")
             r = _turns(row, "rejected", "assistant")
             prompt, chosen, rejected = _split_conversations(p + c, p + r)
+        elif isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            prompt, chosen, rejected = _split_texts(row["chosen"], row["rejected"])  # implicit prompt, standard
         else:
             prompt, chosen, rejected = _split_conversations(_messages(row, "chosen"), _messages(row, "rejected"))
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **_pref_meta(row)}

@@ -8,6 +8,10 @@ the same loaders `rlhf data validate` uses, fails on any bad record (file, line,
 missing required source and on a source with no records, before anything is written (`check`, which the
 runner calls before it creates any directory), warns about duplicate records by count, and stores the
 validated records. Later stages read only this artifact.
+
+Static preference sets (`data.preferences`, with either source) are validated the same way and stored in
+`preferences_static.jsonl`, one comparison a line with its resolved `domain` (helpfulness|safety), the set's
+`weight` and index; the reward-model stages mix them in by domain (reward_models/data.py).
 """
 from __future__ import annotations
 
@@ -32,6 +36,81 @@ FILES = {
     "gatt_train.jsonl": ("gatt_instructions", "gatt"),
 }
 REQUIRED = ("sft", "prompts", "eval_prompts")
+# static preference sets (`data.preferences`, either source): one comparison a line plus its resolved
+# `domain` (helpfulness|safety), the set's `weight` and `set` (its index in data.preferences)
+STATIC_PREFERENCES = "preferences_static.jsonl"
+_STATIC_KEYS = ("domain", "weight", "set")
+
+
+def resolve_domain(record, domain: str):
+    """(record, 'helpfulness'|'safety'). An explicit domain is the config's word: it also sets the record's
+    is_safety_prompt (an HH-RLHF harmless-base file has no such flag, and the default is False); 'auto' keeps
+    each record's own flag."""
+    if domain == "auto":
+        return record, "safety" if record.is_safety_prompt else "helpfulness"
+    return record.model_copy(update={"is_safety_prompt": domain == "safety"}), domain
+
+
+def load_static_preferences(cfg: RunConfig) -> tuple[list[dict], list[str], list[str]]:
+    """(rows for STATIC_PREFERENCES, problems, warnings) of every `data.preferences` set."""
+    rows: list[dict] = []
+    problems: list[str] = []
+    warnings: list[str] = []
+    for i, src in enumerate(cfg.data.preferences):
+        try:
+            records, issues = load_records(src.path, "preference", format=src.format, field_map=src.field_map or None,
+                                           split=src.split, strict=False)
+        except ValueError as e:
+            problems.append(f"data.preferences.{i}.format: {e}")
+            continue
+        if issues:
+            n_bad = len({(x.file, x.line) for x in issues})
+            problems.append(f"data.preferences.{i} ({src.path}): {n_bad} bad record(s), {len(records)} valid:\n{format_issues(issues)}")
+            continue
+        if not records:
+            problems.append(f"data.preferences.{i}: {src.path}:0: -: no records (empty file or only blank lines)")
+            continue
+        dups = duplicate_count(records)
+        if dups:
+            warnings.append(f"data.preferences.{i} ({src.path}): {dups} duplicate record(s) of {len(records)} "
+                            "(identical to an earlier record); they are kept")
+        for r in records:
+            r, domain = resolve_domain(r, src.domain)
+            rows.append({**r.model_dump(mode="json"), "domain": domain, "weight": src.weight, "set": i})
+    return rows, problems, warnings
+
+
+def read_static_preferences(path) -> list[tuple]:
+    """[(Comparison, domain, weight, set index), ...] of a STATIC_PREFERENCES file ([] when absent)."""
+    import json
+    from pathlib import Path
+
+    from .schemas import Comparison
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            meta = [row.pop(k) for k in _STATIC_KEYS]
+            out.append((Comparison.model_validate(row), *meta))
+    return out
+
+
+def domain_mix(rows: list[dict]) -> dict:
+    """Per set and overall: records by domain, and the weighted sizes the reward models' pools get."""
+    from collections import defaultdict
+
+    sets: dict = defaultdict(lambda: {"helpfulness": 0, "safety": 0})
+    weighted = {"helpfulness": 0.0, "safety": 0.0}
+    for r in rows:
+        sets[r["set"]][r["domain"]] += 1
+        weighted[r["domain"]] += r["weight"]
+    total = {d: sum(s[d] for s in sets.values()) for d in ("helpfulness", "safety")}
+    return {"records": total, "weighted": {k: round(v, 3) for k, v in weighted.items()},
+            "by_set": {str(k): v for k, v in sorted(sets.items())}}
 
 
 def load_sources(cfg: RunConfig) -> tuple[dict[str, list], list[str], list[str]]:
@@ -73,9 +152,9 @@ def load_sources(cfg: RunConfig) -> tuple[dict[str, list], list[str], list[str]]
 def check(cfg: RunConfig, round: int) -> None:
     """The runner calls this before anything is written: with `data.source: files`, every configured file
     is loaded and validated; any problem stops the stage (StageFailed naming file:line: field: reason)."""
-    if cfg.data.source != "files":
-        return
-    _, problems, warnings = load_sources(cfg)
+    _, problems, warnings = load_sources(cfg) if cfg.data.source == "files" else ({}, [], [])
+    _, p2, w2 = load_static_preferences(cfg)
+    problems, warnings = problems + p2, warnings + w2
     for w in warnings:
         log.warning("warning: %s", w)
     if problems:
@@ -84,6 +163,9 @@ def check(cfg: RunConfig, round: int) -> None:
 
 def run(ctx: StageContext) -> dict:
     data = ctx.config.data
+    static, problems, _ = load_static_preferences(ctx.config)  # validated by check(); the files may have changed since
+    if problems:
+        raise StageFailed("invalid datasets, nothing was written:\n" + "\n".join(problems))
     if data.source == "demo":
         from .demo.generate import write_demo_data
 
@@ -107,6 +189,12 @@ def run(ctx: StageContext) -> dict:
             metrics[f"summary_{field}"] = summarize(records, kind)
             if data.source == "files":
                 metrics[f"n_duplicates_{field}"] = duplicate_count(records)
+    if static:
+        from pipeline.io import write_jsonl
+
+        write_jsonl(ctx.out_dir / STATIC_PREFERENCES, static)
+        metrics["n_preferences_static"] = len(static)
+        metrics["preferences_static_domains"] = domain_mix(static)
     metrics["n_sft"] = metrics.get("n_sft", 0)
     metrics["n_prompts"] = metrics.get("n_prompts", 0)
     metrics["source"] = data.source

@@ -343,11 +343,13 @@ def data_validate(
     path: str = typer.Argument(..., help="JSONL, JSON or Parquet file, directory, or hub dataset name."),
     kind: str = typer.Option(..., "--kind", help="Record kind: sft, preference, prompt or gatt."),
     format: str = typer.Option("auto", "--format", help="auto, own, trl, hh_rlhf or mapped."),
+    domain: str = typer.Option("auto", "--domain", help="Preference data: helpfulness, safety (e.g. HH-RLHF harmless-base) "
+                               "or auto (each record's is_safety_prompt), as in data.preferences; shows the domain mix."),
 ) -> None:
     """Count valid records and summarise them; list bad records with file, line, field and reason."""
     from data_specs.validate import main
 
-    raise typer.Exit(main(path, kind, format))
+    raise typer.Exit(main(path, kind, format, domain))
 
 
 # ---------------------------------------------------------------- orchestration and tracking (flows/, W&B)

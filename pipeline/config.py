@@ -74,6 +74,17 @@ class DataSource(_Cfg):
     split: str = Field("train", description="Split for hub datasets.")
 
 
+class PreferenceSource(DataSource):
+    """A static preference set (Anthropic HH, TRL preference data, ...) mixed into the reward models'
+    training data beside each round's collected comparisons (Llama 2 sec. 3.2.2, Table 6)."""
+
+    domain: Literal["helpfulness", "safety", "auto"] = Field(
+        ..., description="Which reward model's own data it is: helpfulness, safety (e.g. HH-RLHF harmless-base), or auto "
+                         "(each record's is_safety_prompt).")
+    weight: float = Field(1.0, gt=0, description="Multiplies the set's size in its domain's pool: 0.5 samples half of its "
+                                                 "records, 2 uses each twice.")
+
+
 # ----------------------------------------------------------------------------------------------
 # one model per stage
 
@@ -118,6 +129,9 @@ class DataConfig(_Cfg):
     eval_prompts: DataSource | None = Field(None, description="Held-out prompts for evaluation (source 'files').")
     eval_comparisons: DataSource | None = Field(None, description="Held-out comparisons for RM accuracy (source 'files').")
     gatt_instructions: DataSource | None = Field(None, description="GAtt instructions (source 'files'); else built-in lists.")
+    preferences: list[PreferenceSource] = Field(
+        default_factory=list, description="Static preference sets for the reward models, [{path, format, domain, weight}] "
+                                          "(either source); validated by the `data` stage.")
 
 
 class SFTStageConfig(TrainConfig):

@@ -53,10 +53,11 @@ def _file_digest(path: str) -> str:
 def _data_files(cfg: RunConfig, r: int) -> dict:
     """User data files are part of the `data` version: editing a file means new data."""
     d = cfg.data
+    static = {f"preferences.{i}": _file_digest(s.path) for i, s in enumerate(d.preferences)}  # either source
     if d.source == "demo":
-        return {}
+        return static
     srcs = {k: getattr(d, k) for k in ("sft", "prompts", "eval_prompts", "eval_comparisons", "gatt_instructions")}
-    return {k: _file_digest(s.path) for k, s in srcs.items() if s is not None}
+    return {**{k: _file_digest(s.path) for k, s in srcs.items() if s is not None}, **static}
 
 
 def _preference_file(cfg: RunConfig, r: int) -> dict:

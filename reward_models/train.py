@@ -22,7 +22,7 @@ from pipeline.models import save_policy
 
 from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
-from .data import holdout, mix_for
+from .data import StaticSet, holdout, mix_for, static_sets
 from .losses import margin_for, pairwise_accuracy, ranking_loss
 from .model import encode_pair, forward_rewards, load_reward_model, score
 
@@ -53,6 +53,13 @@ def _load_comparisons(ctx: StageContext) -> list[Comparison]:
     return out
 
 
+def _load_static(ctx: StageContext) -> list[StaticSet]:
+    """The `data` artifact's static preference sets (`data.preferences`), by set and domain."""
+    from data_specs.prepare import STATIC_PREFERENCES, read_static_preferences
+
+    return static_sets(read_static_preferences(ctx.input("data").file(STATIC_PREFERENCES)))
+
+
 def train_reward_model(ctx: StageContext, kind: str) -> dict:
     from policies.trainer import cosine_lambda, load_checkpoint, make_optimizer, save_checkpoint
 
@@ -60,7 +67,9 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     device = ctx.device
     comparisons = _load_comparisons(ctx)
     train_all, held = holdout(comparisons, cfg.eval_fraction, ctx.config.seed)
-    train = mix_for(kind, train_all, cfg.mix_other_ratio, cfg.helpful_share, ctx.seed)
+    static = _load_static(ctx)
+    train = mix_for(kind, train_all, cfg.mix_other_ratio, cfg.helpful_share, ctx.seed, static=static)
+    static_ids = {id(c) for s in static for c in s.records}
     if not train:
         raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
     model, tok = load_reward_model(_init_path(ctx), device)
@@ -127,7 +136,8 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     save_policy(model, tok, ctx.out_dir)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
-               "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss}
+               "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss,
+               "n_train_safety": sum(c.is_safety_prompt for c in train), "n_train_static": sum(id(c) in static_ids for c in train)}
     from policies.common import load_data
 
     def own(comps):
