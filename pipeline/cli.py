@@ -94,7 +94,33 @@ def run(
     except Interrupted:
         _interrupted(f"rlhf run --run-dir {cfg.run_dir}")
     built = sum(not r.cached for r in results)
+    typer.echo(run_summary(results))
     typer.echo(f"finished: {len(results)} stages ({built} built, {len(results) - built} cached) in {time.time() - t0:.1f}s")
+    report_md = newest_report(results)
+    typer.echo(f"report: {report_md}" if report_md else "report: none (no evaluate stage ran; rounds = 0)")
+
+
+def run_summary(results) -> str:
+    """A plain-text table of a run's stages (stage, round, cached/built, seconds, headline metrics): readable in
+    a terminal and in a log file alike."""
+    rows = [("stage", "round", "result", "seconds", "headline")]
+    for r in results:
+        head = ", ".join(f"{k}={_fmt(v)}" for k, v in _headline(r.artifact).items())
+        rows.append((r.artifact.stage, str(r.artifact.round), "cached" if r.cached else "built", f"{r.seconds:.1f}", head))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.rjust(w) if i in (1, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(row[:4], widths))) + "  " + row[4]
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def newest_report(results) -> Path | None:
+    """report.md of the newest round's `evaluate` among the run's results, if any."""
+    evals = sorted((r.artifact for r in results if r.artifact.stage == "evaluate"), key=lambda a: a.round)
+    for art in reversed(evals):
+        if art.file("report.md").is_file():
+            return art.file("report.md")
+    return None
 
 
 @app.command()
@@ -336,6 +362,32 @@ def report(
         typer.echo("")
         typer.echo(f"Values: estimate [95% bootstrap interval over prompts]. Headline win-rate judge: {', '.join(judges)}; "
                    "rm_win_rate_* are judged by the optimised reward models (not independent).")
+
+
+@app.command()
+def export(
+    version: str = typer.Argument(..., help="Version of a policy artifact (sft, rejection_sampling, ppo, ghost_attention, "
+                                  "pretrained); a unique prefix is enough."),
+    out: str = typer.Option(..., "--out", help="Folder to write (new or empty)."),
+    run_dir: str = typer.Option("runs/demo", "--run-dir", help="Run directory."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo "
+                                              "(org/name, created private if missing); needs HF_TOKEN or `hf auth login`."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out folder."),
+) -> None:
+    """Export a policy as a Hugging Face model folder (LoRA merged, chat template, model card) that
+    AutoModelForCausalLM.from_pretrained loads; optionally push it to the hub."""
+    from .export import ExportError, export_policy, push_to_hub as push
+
+    try:
+        folder = export_policy(run_dir, version, out, overwrite=overwrite)
+    except ExportError as e:
+        _fail(f"error: {e}", 1)
+    typer.echo(f"exported to {folder}")
+    if push_to_hub:
+        try:
+            typer.echo(f"pushed to {push(folder, push_to_hub)}")
+        except ExportError as e:
+            _fail(f"error: {e}", 1)
 
 
 @data_app.command("validate")
