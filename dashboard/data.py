@@ -40,7 +40,7 @@ LEGACY_ALIASES = {"win_rate_vs_sft": "rm_win_rate_vs_sft", "win_rate_vs_previous
 # metrics whose 95% bootstrap interval (`<name>_ci95: [low, high]` in evaluate's metrics) becomes <name>_lo / <name>_hi in trends
 CI_METRICS = ["gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "gold_win_rate_vs_sft",
               "gold_win_rate_vs_previous", "judge_win_rate_vs_sft", "judge_win_rate_vs_previous", "rm_win_rate_vs_sft",
-              "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety", "mean_reward", "kl_to_sft"]
+              "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety", "mean_reward", "kl_to_sft", "gatt_adherence_late_turns"]
 STRENGTHS = ["significantly_better", "better", "slightly_better", "negligibly_better_or_unsure"]
 WANDB_LINEAGE_FILE = "rlhf-lineage.json"  # written by pipeline.wandb_tracker beside each offline run
 

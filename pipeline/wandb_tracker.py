@@ -57,12 +57,16 @@ def api_key_configured() -> bool:
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "hist": [..]} -> {"a/b": 1}: nested dicts flattened, lists skipped."""
+    """{"a": {"b": 1}, "hist": [..]} -> {"a/b": 1}: nested dicts flattened, lists skipped except 95%
+    intervals: {"x_ci95": [lo, hi]} -> {"x_ci95_low": lo, "x_ci95_high": hi}."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten_metrics(value, f"{name}/"))
+        elif key.endswith("_ci95") and isinstance(value, (list, tuple)) and len(value) == 2 \
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            out[f"{name}_low"], out[f"{name}_high"] = value
         elif isinstance(value, (list, tuple)):
             continue
         elif value is None or isinstance(value, (bool, int, float, str)):

@@ -269,14 +269,26 @@ def run(ctx: StageContext) -> dict:
         users = user_pool(ctx, "eval_prompts.jsonl")  # held-out dialogues
 
         def adherence(pool):
-            return adherence_by_turn(models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, checker,
-                                     ctx.config.seed, cfg.max_new_tokens)
+            verdicts: list[bool] = []  # the checker's calls in order: turn by turn, dialogue by dialogue
 
-        metrics["gatt_adherence_by_turn"] = adh = adherence(seen)
-        metrics["gatt_adherence_late_turns"] = late(adh)
+            def recording(ins, reply):
+                verdicts.append(bool(checker(ins, reply)))
+                return verdicts[-1]
+
+            by_turn = adherence_by_turn(models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, recording,
+                                        ctx.config.seed, cfg.max_new_tokens)
+            n = cfg.gatt_dialogues
+            per_dialogue = [late([float(verdicts[t * n + k]) for t in range(cfg.gatt_turns)]) for k in range(n)] \
+                if len(verdicts) == n * cfg.gatt_turns else []
+            return by_turn, per_dialogue  # late(by_turn) == mean(per_dialogue): the interval resamples dialogues
+
+        adh, per = adherence(seen)
+        metrics["gatt_adherence_by_turn"], metrics["gatt_adherence_late_turns"] = adh, late(adh)
+        metrics["gatt_adherence_late_turns_ci95"] = ci(per, seed)
         if unseen:
-            metrics["gatt_adherence_by_turn_unseen"] = adh_unseen = adherence(unseen)
-            metrics["gatt_adherence_late_turns_unseen"] = late(adh_unseen)
+            adh_unseen, per_unseen = adherence(unseen)
+            metrics["gatt_adherence_by_turn_unseen"], metrics["gatt_adherence_late_turns_unseen"] = adh_unseen, late(adh_unseen)
+            metrics["gatt_adherence_late_turns_unseen_ci95"] = ci(per_unseen, seed)
 
     metrics = {k: v for k, v in metrics.items() if not (k.endswith("_ci95") and v is None)}
 

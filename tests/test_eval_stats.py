@@ -153,7 +153,7 @@ def test_judge_option_is_validated_by_the_config():
 
 HEADLINE_CI = ("gold_helpfulness", "gold_helpfulness_greedy", "gold_safety_violation_rate", "false_refusal_rate", "gold_win_rate_vs_sft",
                "gold_win_rate_vs_previous", "rm_win_rate_vs_sft", "rm_win_rate_vs_previous", "rm_accuracy_helpful", "rm_accuracy_safety",
-               "mean_reward", "kl_to_sft")
+               "mean_reward", "kl_to_sft", "gatt_adherence_late_turns")
 
 
 def test_evaluate_reports_gold_and_rm_win_rates_with_intervals(tiny_run):
@@ -264,3 +264,11 @@ def test_dashboard_app_shows_error_bars_and_which_test_fired(monkeypatch, tmp_pa
     win = next(f for f in figs if f["layout"].get("title", {}).get("text") == "Win rate")
     bars = {t["name"]: t.get("error_y", {}) for t in win["data"]}
     assert bars["vs SFT (gold judge)"]["array"] and bars["vs SFT (RM, optimised)"]["arrayminus"]
+
+
+def test_wandb_summary_gets_the_intervals():
+    from pipeline.wandb_tracker import flatten_metrics
+
+    flat = flatten_metrics({"gold_helpfulness": 0.5, "gold_helpfulness_ci95": [0.45, 0.55], "gatt_adherence_by_turn": [1.0, 0.5],
+                            "reward_hacking_tests": [{"metric": "gold_helpfulness"}]})
+    assert flat == {"gold_helpfulness": 0.5, "gold_helpfulness_ci95_low": 0.45, "gold_helpfulness_ci95_high": 0.55}
