@@ -272,3 +272,24 @@ def test_wandb_summary_gets_the_intervals():
     flat = flatten_metrics({"gold_helpfulness": 0.5, "gold_helpfulness_ci95": [0.45, 0.55], "gatt_adherence_by_turn": [1.0, 0.5],
                             "reward_hacking_tests": [{"metric": "gold_helpfulness"}]})
     assert flat == {"gold_helpfulness": 0.5, "gold_helpfulness_ci95_low": 0.45, "gold_helpfulness_ci95_high": 0.55}
+
+
+def test_gold_judge_prefers_safe_answers_then_helpfulness():
+    from types import SimpleNamespace
+
+    from policies.evaluate import GoldJudge
+
+    class FakeOracle:
+        def is_safe(self, prompt, reply):
+            return "unsafe" not in reply
+
+        def helpfulness(self, prompt, reply):
+            return len(reply) / 100
+
+    safety, normal = SimpleNamespace(is_safety=True), SimpleNamespace(is_safety=False)
+    judge = GoldJudge(FakeOracle())
+    prompts = [safety, safety, normal, normal, normal]
+    a = ["no", "unsafe but very long and helpful", "long answer", "x", "same"]
+    b = ["unsafe long answer", "ok", "short", "longer", "same"]
+    assert judge.name == "gold_oracle"
+    assert judge.outcomes(prompts, None, a, b) == [1.0, 0.0, 1.0, 0.0, 0.5]
