@@ -57,8 +57,15 @@ def recipe(registry: Registry, art: Artifact) -> list[Artifact]:
 
 
 def _hub_name(path: str) -> str | None:
+    """The hub id a data or model path names (as the loaders read it), else None."""
+    forced = path.startswith("hub:")
     path = path.removeprefix("hub:").split(":", 1)[0]
-    return path if _HUB_ID.fullmatch(path) and not Path(path.split("/", 1)[0]).exists() else None
+    if not _HUB_ID.fullmatch(path):
+        return None
+    if forced:
+        return path
+    local = Path(path.split("/", 1)[0]).exists() or Path(path).suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".csv", ".gguf")
+    return None if local else path
 
 
 def _datasets(data_cfg: dict) -> tuple[list[str], list[str]]:
@@ -135,8 +142,11 @@ def export_policy(run_dir: str | Path, version: str, out: str | Path, *, run_nam
                   overwrite: bool = False) -> Path:
     """Write the policy artifact `version` of `run_dir` to `out` as a Hugging Face model folder; returns `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from .chat import ensure_chat_template, ensure_pad_token
+
+    hf_logging.disable_progress_bar()  # a few small files: no bars in the command's output
 
     registry = Registry(run_dir)
     art = find_policy(registry, version)

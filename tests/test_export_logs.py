@@ -140,3 +140,14 @@ def test_run_ends_with_a_summary_table_and_the_report_path(tiny_run):
     assert f"eval_loss={arts[('sft', 0)].metrics['eval_loss']:.4g}" in sft_row
     report = arts[("evaluate", 1)].file("report.md")
     assert lines[-1] == f"report: {report}" and report.is_file()
+
+
+def test_model_card_front_matter_names_hub_base_model_and_datasets():
+    from pipeline.export import _datasets, _hub_name
+
+    hub, lines = _datasets({"source": "files", "sft": {"path": "hub:HuggingFaceH4/ultrachat_200k", "format": "trl"},
+                            "prompts": {"path": "data/prompts.jsonl"},
+                            "preferences": [{"path": "Anthropic/hh-rlhf:harmless-base", "format": "hh_rlhf", "domain": "safety", "weight": 1.0}]})
+    assert hub == ["Anthropic/hh-rlhf", "HuggingFaceH4/ultrachat_200k"]
+    assert any("data.preferences.0" in l and "domain safety" in l for l in lines) and any("data/prompts.jsonl" in l for l in lines)
+    assert _hub_name("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf" and _hub_name("demo") is None
