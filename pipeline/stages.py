@@ -155,8 +155,8 @@ STAGES: dict[str, StageSpec] = {
                   ("policies.ghost_attention", "policies.trainer", "policies.generation", *COMMON), "model",
                   ("adherence_late_before", "adherence_late_after"), "rlhf", "Ghost Attention multi-turn data synthesis and fine-tuning."),
         StageSpec("evaluate", "policies.evaluate:run", _eval_inputs,
-                  ("policies.evaluate", "policies.generation", "reward_models", *COMMON), "report",
-                  ("gold_helpfulness", "win_rate_vs_sft", "gold_safety_violation_rate"), "rlhf",
+                  ("policies.evaluate", "policies.eval_stats", "policies.generation", "reward_models", *COMMON), "report",
+                  ("gold_helpfulness", "gold_win_rate_vs_sft", "gold_safety_violation_rate"), "rlhf",
                   "Win rates, RM accuracy, safety, false refusals, GAtt adherence; gold scores in the demo."),
     ]
 }
