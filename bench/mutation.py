@@ -1,0 +1,121 @@
+"""Mutation testing of the modules where a silent bug corrupts results, with mutmut (config: [tool.mutmut]
+in pyproject.toml; `pip install -e '.[mutation]'`). Not part of the test suite: run it by hand or as its own
+CI job, niced, one module group at a time:
+
+    python bench/mutation.py                      # every group below, then the score table
+    python bench/mutation.py ppo_math combine     # some groups
+    python bench/mutation.py --report             # only the table, from the results in mutants/
+    python bench/mutation.py --list               # the groups and their mutant globs
+
+mutmut copies the tree into mutants/ (git-ignored), records which fast tests reach each function (the
+selection in pyproject.toml: no tiny-pipeline fixture) and runs, for each mutant, only those tests.
+A group is a set of mutant-name globs (`module.x_function__mutmut_N`), so the stage `run` bodies, which only
+the tiny pipeline exercises (tests/test_invariants.py, tests/test_stages.py), can be left out of a group and
+reported as such. Score = killed (incl. timeouts) / (mutants - equivalent); survivors judged equivalent are
+listed in EQUIVALENT with the reason, and in docs/notes/mutation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTMUT = [sys.executable, "-m", "mutmut"]
+
+# group -> mutant-name globs
+GROUPS: dict[str, list[str]] = {
+    "ppo_math": ["policies.ppo_math.*"],
+    "combine": ["reward_models.combine.*"],
+    "losses": ["reward_models.losses.*"],
+    "rm_data": ["reward_models.data.*"],
+    "scoring": ["reward_models.scoring.*"],
+    "eval_stats": ["policies.eval_stats.*"],
+    "ppo_wiring": ["policies.ppo.x_build_batch*", "policies.ppo.x_forward_policy*", "policies.ppo.x_advantages*",
+                   "policies.ppo.x_guard*", "policies.ppo.x__select*"],
+    "rs_selection": ["policies.rejection_sampling.x_best_of_k*", "policies.rejection_sampling.x_reward_vs_k*"],
+    "gatt": ["policies.ghost_attention.x_combine_instructions*", "policies.ghost_attention.x_system_message*",
+             "policies.ghost_attention.x_with_instruction*", "policies.ghost_attention.x_synthesis_context*",
+             "policies.ghost_attention.x_training_dialogue*", "policies.ghost_attention.x_late*",
+             "policies.ghost_attention.x_adherence_by_turn*"],
+    "packing": ["policies.trainer.x_pack_examples*", "policies.trainer.x_collate*", "policies.trainer.x_token_loss_sum*"],
+    "rm_train": ["reward_models.train.x_aux_safety_loss*", "reward_models.train.x_accuracy_report*"],
+    "registry": ["pipeline.registry.*"],
+}
+
+# surviving mutants judged equivalent (the behaviour cannot change), with the reason
+EQUIVALENT: dict[str, str] = {}
+
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+def run_groups(names: list[str], max_children: int) -> int:
+    """One mutmut run over the groups' globs (mutants are generated and the test mapping collected once)."""
+    cmd = ["nice", "-n", "10", *MUTMUT, "run", "--max-children", str(max_children), *(p for n in names for p in GROUPS[n])]
+    print("$", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def results() -> dict[str, str]:
+    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True).stdout
+    return dict(m.groups() for m in re.finditer(r"^\s*(\S+): (.+)$", out, re.M))
+
+
+def table(groups: list[str]) -> str:
+    res = results()
+    lines = ["| group | mutants | killed | of which timeouts | survived | no tests | equivalent | score |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in groups:
+        names = [n for n in res if any(fnmatch.fnmatch(n, p) for p in GROUPS[g])]
+        st = [res[n] for n in names if res[n] != "not checked"]
+        if not st:
+            lines.append(f"| {g} | {len(names)} | not run | | | | | |")
+            continue
+        equiv = sum(1 for n in names if n in EQUIVALENT and res[n] != "not checked")
+        killed = sum(s in KILLED for s in st)
+        timeouts = st.count("timeout")
+        no_tests = st.count("no tests")
+        survived = sum(s not in KILLED for s in st) - no_tests - equiv
+        denom = len(st) - equiv
+        lines.append(f"| {g} | {len(st)} | {killed} | {timeouts} | {survived} | {no_tests} | {equiv} | "
+                     f"{100 * killed / max(1, denom):.0f}% |")
+    return "\n".join(lines)
+
+
+def survivors(groups: list[str]) -> list[str]:
+    res = results()
+    return sorted(n for n, s in res.items() if s not in KILLED and s != "not checked" and n not in EQUIVALENT
+                  and any(fnmatch.fnmatch(n, p) for g in groups for p in GROUPS[g]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("groups", nargs="*", help=f"groups to run (default: all): {', '.join(GROUPS)}")
+    ap.add_argument("--report", action="store_true", help="only print the table from mutants/")
+    ap.add_argument("--survivors", action="store_true", help="list surviving, non-equivalent mutants (mutmut show NAME)")
+    ap.add_argument("--list", action="store_true", help="print the groups and their globs")
+    ap.add_argument("--max-children", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    groups = args.groups or list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        ap.error(f"unknown group(s) {unknown}; known: {', '.join(GROUPS)}")
+    if args.list:
+        for g in groups:
+            print(g, " ".join(GROUPS[g]))
+        return 0
+    if not (args.report or args.survivors):
+        run_groups(groups, args.max_children)
+    if args.survivors:
+        print("\n".join(survivors(groups)))
+    else:
+        print(table(groups))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
