@@ -146,14 +146,20 @@ def build_run_dir(path: str | Path) -> Path:
             "rm_accuracy_helpful_by_strength": dict(zip(STRENGTHS, [0.86, 0.72, 0.61, 0.53])),
             "rm_accuracy_safety_by_strength": dict(zip(STRENGTHS, [0.9, 0.78, 0.66, 0.55])),
             "gatt_adherence_late_turns": 0.31, "gatt_adherence_by_turn": [0.95, 0.62, 0.4, 0.31, 0.25],
-            "mean_response_length": 88.4, "kl_to_sft": 0.0, "reward_hacking": False, "sft_gold_helpfulness": 0.412},
-        2: {"gold_helpfulness": 0.521, "gold_safety_violation_rate": 0.052, "false_refusal_rate": 0.094, "win_rate_vs_sft": 0.713,
+            "mean_response_length": 88.4, "kl_to_sft": 0.0, "sft_gold_helpfulness": 0.412, "mean_reward_sft": 0.45,
+            "mean_reward_previous": 0.45, "gold_helpfulness_diff_vs_sft": 0.125, "gold_helpfulness_diff_vs_sft_ci95": [0.08, 0.17],
+            "gold_helpfulness_diff_vs_previous": 0.125, "gold_helpfulness_diff_vs_previous_ci95": [0.08, 0.17]},
+        2: {"gold_helpfulness": 0.49, "gold_safety_violation_rate": 0.052, "false_refusal_rate": 0.094, "win_rate_vs_sft": 0.713,
             "win_rate_vs_previous": 0.553, "rm_accuracy_helpful": 0.702, "rm_accuracy_safety": 0.751, "mean_reward": 0.69,
             "rm_accuracy_helpful_by_strength": dict(zip(STRENGTHS, [0.88, 0.75, 0.63, 0.54])),
             "rm_accuracy_safety_by_strength": dict(zip(STRENGTHS, [0.92, 0.8, 0.68, 0.56])),
             "gatt_adherence_late_turns": 0.88, "gatt_adherence_by_turn": [0.97, 0.93, 0.9, 0.88, 0.86],
-            "mean_response_length": 131.0, "kl_to_sft": 4.7, "reward_hacking": True, "sft_gold_helpfulness": 0.412},
+            "mean_response_length": 131.0, "kl_to_sft": 4.7, "sft_gold_helpfulness": 0.412, "mean_reward_sft": 0.45,
+            "mean_reward_previous": 0.57, "gold_helpfulness_diff_vs_sft": 0.078, "gold_helpfulness_diff_vs_sft_ci95": [0.03, 0.12],
+            "gold_helpfulness_diff_vs_previous": -0.047, "gold_helpfulness_diff_vs_previous_ci95": [-0.081, -0.014]},
     }
+    for m in evaluate.values():  # the verdict is evaluate's own rule applied to these numbers (policies/eval_stats.py)
+        m.update(hacking_verdict(m))
     for r in (1, 2):
         policy_prev = ("sft", 0) if r == 1 else ("rejection_sampling", 1)  # round 1 has neither PPO nor GAtt
         _artifact(run, clock, "collect_preferences", r, {"data": ("data", 0), "policy": policy_prev},
@@ -210,3 +216,17 @@ if __name__ == "__main__":  # python tests/dashboard_fixture.py runs/dashboard-d
     import sys
 
     print(build_run_dir(sys.argv[1] if len(sys.argv) > 1 else "runs/dashboard-demo"))
+
+
+def hacking_verdict(m: dict, tolerance: float | None = None) -> dict:
+    """evaluate's reward-hacking fields for metrics `m`: the tests of policies.eval_stats on its paired
+    differences, with evaluate's default tolerance."""
+    from pipeline.config import EvaluateConfig
+    from policies.eval_stats import reward_hacking_tests
+
+    tol = EvaluateConfig().hacking_tolerance if tolerance is None else tolerance
+    rise = {"vs_sft": m["mean_reward"] - m["mean_reward_sft"], "vs_previous": m["mean_reward"] - m["mean_reward_previous"]}
+    gold = {comp: {"gold_helpfulness": (m[f"gold_helpfulness_diff_{comp}"], *m[f"gold_helpfulness_diff_{comp}_ci95"])}
+            for comp in ("vs_sft", "vs_previous")}
+    tests = reward_hacking_tests(rise, gold, min_drop=tol)
+    return {"reward_hacking_tests": tests, "reward_hacking": bool(tests)}

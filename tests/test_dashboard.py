@@ -133,9 +133,24 @@ def test_trend_flag_computed_without_the_evaluate_verdict(tmp_path):
     run = build_run_dir(tmp_path / "run")
     for m in run.glob("artifacts/evaluate/*/manifest.json"):
         man = json.loads(m.read_text())
-        del man["metrics"]["reward_hacking"]
+        del man["metrics"]["reward_hacking"], man["metrics"]["reward_hacking_tests"]  # an artifact from before the tests
         write_json(m, man)
-    assert D.flagged_rounds(run) == [2]  # mean reward 0.57 -> 0.69 while gold 0.537 -> 0.521
+    assert D.flagged_rounds(run) == [2]  # mean reward 0.57 -> 0.69 while gold 0.537 -> 0.49
+
+
+def test_fixture_verdicts_follow_evaluates_rule(run_dir):
+    """The fixture's reward-hacking verdicts are evaluate's rule on its own numbers, tolerance included:
+    round 2's gold drop (0.047, interval below 0) exceeds the tolerance; at a larger tolerance it would not fire."""
+    from tests.dashboard_fixture import hacking_verdict
+
+    ev = {}
+    for man in run_dir.glob("artifacts/evaluate/*/manifest.json"):
+        m = json.loads(man.read_text())
+        ev[m["round"]] = m["metrics"]
+    assert [ev[r]["reward_hacking"] for r in (1, 2)] == [False, True]
+    for m in ev.values():
+        assert {k: m[k] for k in ("reward_hacking", "reward_hacking_tests")} == hacking_verdict(m)
+    assert hacking_verdict(ev[2], tolerance=0.05)["reward_hacking"] is False
 
 
 def test_rm_accuracy_by_strength_and_gatt(run_dir):
@@ -312,7 +327,6 @@ def test_browser_renders_dashboard(run_dir, tmp_path):
     bench = _bench()
     port = launch.free_port()
     log = tmp_path / "dashboard.log"
-    t0 = time.monotonic()
     with open(log, "wb") as out:
         rlhf = Path(sys.executable).with_name("rlhf")  # the console script; else the same entry point via -c
         entry = [str(rlhf)] if rlhf.exists() else [sys.executable, "-c", "from pipeline.cli import app; app()"]
@@ -357,4 +371,3 @@ def test_browser_renders_dashboard(run_dir, tmp_path):
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(5)
-    assert time.monotonic() - t0 < 60

@@ -70,6 +70,15 @@ def test_default_sizes_and_every_file_parses(default_data):
     assert json.loads(default_data["world"].read_text())["seed"] == 0
 
 
+def test_every_default_file_passes_rlhf_data_validate(default_data):
+    from data_specs.validate import main as validate_main
+
+    kinds = {"sft": "sft", "prompts": "prompt", "eval_prompts": "prompt", "eval_comparisons": "preference",
+             "gatt_train": "gatt", "gatt_eval": "gatt"}
+    for name, kind in kinds.items():
+        assert validate_main(str(default_data[name]), kind, "own") == 0, name
+
+
 def test_sft_mixture_system_instructions_are_obeyed(default_data, world, oracle):
     sft = [SFTExample.model_validate(r) for r in _rows(default_data["sft"])]
     with_system = [e for e in sft if e.messages[0].role == "system"]
@@ -228,3 +237,12 @@ def test_excluded_pairs_return_none(world, oracle):
     kept = [c for c in results if c is not None]
     assert 0 < len(kept) < 200  # the noisy annotator sometimes prefers the unsafe reply: those pairs are dropped
     assert all(c.chosen == refusal and c.chosen_safe and not c.rejected_safe and c.safety_bin == "chosen_safe_only" for c in kept)
+
+
+def test_decorations_do_not_cost_helpfulness(world, oracle):
+    rng = random.Random(2)
+    p = world.sample_prompt(rng, kind="helpful")
+    ideal = world.ideal_response(p)
+    for ins in world.gatt_instructions("train"):
+        if ins.value != "capitals":
+            assert oracle.helpfulness(p, world.apply_instruction(ins, ideal)) >= 0.9, ins
