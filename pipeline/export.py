@@ -138,6 +138,29 @@ def model_card(registry: Registry, art: Artifact, run_name: str) -> str:
     return "\n".join(front + [""] + body) + "\n"
 
 
+def _merged(src: Path):
+    """The base model with the LoRA adapters of `src` merged in. The base is the folder's own weights when it has a
+    config.json (read without the adapter files, which transformers would otherwise attach itself), else the
+    adapter config's base_model_name_or_path."""
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if (src / "config.json").is_file():
+            for f in src.iterdir():
+                if f.is_file() and not f.name.startswith("adapter_"):
+                    (Path(tmp) / f.name).symlink_to(f.resolve())
+            base_path = tmp
+        else:
+            base_path = json.loads((src / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+            if not base_path:
+                raise ExportError(f"{src} holds LoRA adapters without base weights or a base_model_name_or_path")
+        base = AutoModelForCausalLM.from_pretrained(base_path, use_safetensors=True)
+        return PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+
+
 def export_policy(run_dir: str | Path, version: str, out: str | Path, *, run_name: str | None = None,
                   overwrite: bool = False) -> Path:
     """Write the policy artifact `version` of `run_dir` to `out` as a Hugging Face model folder; returns `out`."""
@@ -161,9 +184,7 @@ def export_policy(run_dir: str | Path, version: str, out: str | Path, *, run_nam
         shutil.rmtree(out)
     src = art.path
     if (src / "adapter_config.json").is_file():  # LoRA adapters on a base: merge them into plain weights
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(src)).merge_and_unload()
+        model = _merged(src)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(src), use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(str(src))

@@ -151,3 +151,31 @@ def test_model_card_front_matter_names_hub_base_model_and_datasets():
     assert hub == ["Anthropic/hh-rlhf", "HuggingFaceH4/ultrachat_200k"]
     assert any("data.preferences.0" in l and "domain safety" in l for l in lines) and any("data/prompts.jsonl" in l for l in lines)
     assert _hub_name("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf" and _hub_name("demo") is None
+
+
+def test_export_merges_lora_adapters(tiny_run, tmp_path):
+    """An artifact holding LoRA adapters (adapter_config.json) is exported as plain, merged weights."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.export import export_policy
+    from pipeline.registry import Registry
+
+    cfg, _, arts = _final_policy(tiny_run)
+    run = tmp_path / "run"
+    shutil.copytree(cfg.run_dir, run)  # copy2 keeps mtimes: the copy verifies
+    sft = Registry(run).find("sft", 0, arts[("sft", 0)].version)
+    base = AutoModelForCausalLM.from_pretrained(str(sft.path))
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(sft.path))  # adapter_config.json + adapter_model.safetensors beside the base weights
+    expected = {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    plain = AutoModelForCausalLM.from_pretrained(str(arts[("sft", 0)].path)).state_dict()
+    assert not torch.equal(expected["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+
+    out = export_policy(run, sft.version, tmp_path / "export")
+    assert not (out / "adapter_config.json").exists()
+    got = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
