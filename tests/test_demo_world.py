@@ -3,6 +3,7 @@ GAtt rules that can be checked, and a simulated annotator with the paper's stren
 from __future__ import annotations
 
 import json
+import re
 import random
 from collections import Counter
 
@@ -246,3 +247,52 @@ def test_decorations_do_not_cost_helpfulness(world, oracle):
     for ins in world.gatt_instructions("train"):
         if ins.value != "capitals":
             assert oracle.helpfulness(p, world.apply_instruction(ins, ideal)) >= 0.9, ins
+
+
+def _norm_text(text):
+    return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
+
+def test_held_out_harms_and_borderline_never_in_training(default_data, world):
+    """Issue 12 item 3: the safety and false-refusal metrics use harm categories and borderline
+    questions that no training file contains (by normalised text and by category), at least 30 each."""
+    from data_specs.demo.world import (HARM_CATEGORIES, HARMS, HELD_OUT_BORDERLINE, HELD_OUT_HARMS, N_TRAIN_BORDERLINE,
+                                       N_TRAIN_HARMS, TRAIN_HARM_CATEGORIES)
+    assert len(HELD_OUT_HARMS) >= 30 and len(HELD_OUT_BORDERLINE) >= 30
+    held_cats = {h[0] for h in HELD_OUT_HARMS}
+    assert not held_cats & set(TRAIN_HARM_CATEGORIES) and len(held_cats) >= 5
+    needles = {_norm_text(t) for h in HELD_OUT_HARMS for t in h[1:]} | {_norm_text(q) for q, a, _ in HELD_OUT_BORDERLINE} \
+        | {_norm_text(a) for q, a, _ in HELD_OUT_BORDERLINE}
+    assert len({_norm_text(h[1]) for h in HELD_OUT_HARMS}) == len(HELD_OUT_HARMS)
+    assert len({_norm_text(q) for q, _, _ in HELD_OUT_BORDERLINE}) == len(HELD_OUT_BORDERLINE)
+    for name in ("pretrain", "sft", "prompts", "gatt_train", "gatt_eval"):
+        corpus = " " + _norm_text(default_data[name].read_text(encoding="utf-8")) + " "
+        leaked = [n for n in needles if f" {n} " in corpus]
+        assert not leaked, (name, leaked[:5])
+        for row in _rows(default_data[name]) if name in ("sft", "prompts") else []:
+            last = [m["content"] for m in row["messages"] if m["role"] == "user"][-1]
+            parsed = world.parse(last)
+            if parsed and parsed[0] == "harmful":
+                assert parsed[1]["i"] < N_TRAIN_HARMS and HARM_CATEGORIES[parsed[1]["i"]] not in held_cats
+            if parsed and parsed[0] == "borderline":
+                assert parsed[1]["i"] < N_TRAIN_BORDERLINE
+    evals = [Prompt.model_validate(r) for r in _rows(default_data["eval_prompts"])]
+    harms = {world.parse(p.messages[-1].content)[1]["i"] for p in evals if p.is_safety}
+    border = {world.parse(p.messages[-1].content)[1]["i"] for p in evals if p.category == "borderline"}
+    assert all(i >= N_TRAIN_HARMS and HARM_CATEGORIES[i] in held_cats for i in harms) and len(harms) >= 30
+    assert all(i >= N_TRAIN_BORDERLINE for i in border) and len(border) >= 30
+    assert len(HARMS) == N_TRAIN_HARMS + len(HELD_OUT_HARMS)
+
+
+@pytest.mark.parametrize("kind", ["harmful", "borderline"])
+def test_held_out_items_are_judged_like_training_ones(world, oracle, kind):
+    from data_specs.demo.world import BORDERLINE, HARMS
+    rng = random.Random(3)
+    n = len(HARMS) if kind == "harmful" else len(BORDERLINE)
+    for i in range(n):
+        p = world.sample_prompt(rng, kind=kind, item=i)
+        ideal = world.ideal_response(p)
+        assert oracle.is_safe(p, ideal) and oracle.is_refusal(ideal) == (kind == "harmful")
+        assert oracle.helpfulness(p, ideal) == (0.5 if kind == "harmful" else 1.0)
+        bad = world.bad_responses(p, rng)
+        assert sum(not oracle.is_safe(p, b) for b in bad) == (2 if kind == "harmful" else 0), (i, bad)

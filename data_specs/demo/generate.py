@@ -24,9 +24,8 @@ from pipeline.io import atomic_write_text, write_json, write_jsonl
 from ..schemas import Comparison, GattInstruction, Message, Prompt, SFTExample
 from .annotator import SimulatedAnnotator
 from .oracle import Oracle
-from .world import BORDERLINE, HARM_TEMPLATES, KINDS, WORDS, DemoWorld
+from .world import BORDERLINE, HARMS, KINDS, WORDS, DemoWorld, held_out_borderline, held_out_harm
 
-EVAL_BORDERLINE = 4       # borderline questions never seen in training: do refusals generalise?
 EVAL_HELPFUL_PERCENT = 12  # share of helpful question texts kept for evaluation only
 SYSTEM_FRAC = 0.15        # SFT examples with a system instruction that the answer obeys
 PRETRAIN_SYSTEM_FRAC = 0.12
@@ -34,23 +33,25 @@ MAX_MULTI_TURNS = 3
 
 
 def eval_reserved(world: DemoWorld, text: str) -> bool:
-    """Question texts kept for evaluation only (a fixed slice of the question space)."""
+    """Question texts kept for evaluation only (a fixed slice of the question space): every harm of the
+    held-out harm categories and every held-out borderline question (world.HELD_OUT_HARMS,
+    world.HELD_OUT_BORDERLINE; no training file asks them), and a hashed share of helpful questions."""
     parsed = world.parse(text)
     if parsed is None:
         return False
     fam, args = parsed
-    if fam == "harmful":  # one of the three phrasings of each harm
-        return args["t"] == args["i"] % len(HARM_TEMPLATES)
+    if fam == "harmful":
+        return held_out_harm(args["i"])
     if fam == "borderline":
-        return args["i"] >= len(BORDERLINE) - EVAL_BORDERLINE
+        return held_out_borderline(args["i"])
     return int(hashlib.sha1(f"{world.seed}:{text}".encode()).hexdigest(), 16) % 100 < EVAL_HELPFUL_PERCENT
 
 
 def _sample(world: DemoWorld, rng: random.Random, want_eval: bool, kind: str | None = None, turns: int = 1,
-            instructions: Sequence[GattInstruction] = ()) -> Prompt:
+            instructions: Sequence[GattInstruction] = (), item: int | None = None) -> Prompt:
     """A prompt whose last question is (want_eval) or is not reserved; earlier questions never are."""
     while True:
-        p = world.sample_prompt(rng, kind=kind, turns=turns, instructions=instructions)
+        p = world.sample_prompt(rng, kind=kind, turns=turns, instructions=instructions, item=item)
         users = [m.content for m in p.messages if m.role == "user"]
         if eval_reserved(world, users[-1]) == want_eval and not any(eval_reserved(world, u) for u in users[:-1]):
             return p
@@ -62,12 +63,22 @@ def _turns(rng: random.Random, multiturn_frac: float) -> int:
 
 def _prompts(world: DemoWorld, n: int, rng: random.Random, want_eval: bool, multiturn_frac: float) -> list[Prompt]:
     """n prompts of the world's mixture; a text repeats only when its kind's space is nearly used up
-    (the harmful and borderline question sets are small)."""
+    (the harmful and borderline question sets are small). Evaluation prompts go through the held-out
+    harms and borderline questions in a shuffled cycle, so that every one of them is asked once before
+    any is asked twice."""
     out, seen = [], set()  # membership only
+    pools = {"harmful": [i for i in range(len(HARMS)) if held_out_harm(i)],
+             "borderline": [i for i in range(len(BORDERLINE)) if held_out_borderline(i)]}
+    cycles: dict[str, list[int]] = {k: [] for k in pools}
     for _ in range(n):
         kind, turns = rng.choices(KINDS, weights=world.mix)[0], _turns(rng, multiturn_frac)
+        item = None
+        if want_eval and kind in pools:
+            if not cycles[kind]:
+                cycles[kind] = rng.sample(pools[kind], len(pools[kind]))
+            item = cycles[kind].pop()
         for _ in range(20):
-            p = _sample(world, rng, want_eval, kind=kind, turns=turns)
+            p = _sample(world, rng, want_eval, kind=kind, turns=turns, item=item)
             if p.id not in seen:
                 break
         seen.add(p.id)
