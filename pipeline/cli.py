@@ -85,6 +85,7 @@ def run(
 
     cfg = _load(config, set_, run_dir=run_dir, rounds=rounds)
     runner = _runner(cfg, pins=_pins(input_))
+    _check_plan(cfg, runner, force)
     t0 = time.time()
     typer.echo(f"run {cfg.name}: {cfg.rounds} rounds, run dir {cfg.run_dir}")
     try:
@@ -223,6 +224,73 @@ def status(
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _check_plan(cfg, runner, force: bool) -> None:
+    """Refuse, before any work, a run with a stage that will not fit in memory (`rlhf plan`)."""
+    if not cfg.hardware.check_plan:
+        return
+    from .plan import PlanError, make_plan, model_shape, refusal
+    from .stages import schedule
+
+    todo = sorted({s for s, r in schedule(cfg) if force or runner.registry.find(s, r, _expected(runner, s, r)) is None} - {"data"})
+    if not todo:
+        return
+    try:
+        plans, usable, what = make_plan(cfg, model_shape(cfg), cfg.hardware.gpu_memory_gb, todo)
+    except PlanError as e:
+        _fail(f"error: {e}", 1)
+    msg = refusal(plans, usable, what)
+    if msg:
+        _fail(f"error: {msg}", 1)
+
+
+def _expected(runner, stage: str, round: int) -> str | None:
+    try:
+        return runner.expected_version(stage, round)
+    except Exception:  # noqa: BLE001 - a stage the runner will explain itself (missing pin, bad input)
+        return None
+
+
+@app.command()
+def plan(
+    config: str = ConfigOpt,
+    set_: Optional[List[str]] = SetOpt,
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB per GPU to plan for (default: hardware.gpu_memory_gb, "
+                                               "else this machine's GPU, else its RAM)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Estimated peak memory per device of every stage (weights, gradients, optimiser state, activations,
+    logits, KV cache, resident reward models), from the model config on the meta device; exit 1 when a
+    stage will not fit, naming the fix."""
+    from .plan import GiB, PlanError, make_plan, model_shape, refusal
+
+    cfg = _load(config, set_, check_device=False)  # planning for GPUs needs none here
+    try:
+        shape = model_shape(cfg)
+        plans, usable, what = make_plan(cfg, shape, gpu_memory if gpu_memory is not None else cfg.hardware.gpu_memory_gb)
+    except PlanError as e:
+        _fail(f"error: {e}", 1)
+    if as_json:
+        typer.echo(json.dumps({"config": cfg.name, "params": shape.params, "device": what, "usable_gib": round(usable / GiB, 2),
+                               "stages": [p.row() for p in plans]}, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{cfg.name}: {shape.params / 1e6:,.1f}M parameters, {what} (90% usable: {usable / GiB:.1f} GiB)")
+        for col in ("stage", "peak GiB", "fits", "biggest terms (GiB)", "what it assumes"):
+            table.add_column(col)
+        for p in plans:
+            terms = sorted(((k, v) for k, v in p.terms.items() if k != "peak"), key=lambda kv: -kv[1])[:3]
+            table.add_row(p.stage, f"{p.peak_bytes / GiB:.2f}", "[green]yes[/green]" if p.fits else "[red]no[/red]",
+                          ", ".join(f"{k} {v / GiB:.2f}" for k, v in terms), p.note)
+        Console(width=max(150, Console().width)).print(table)
+        msg = refusal(plans, usable, what)
+        if msg:
+            typer.secho(msg, fg="red", err=True)
+    if any(not p.fits for p in plans):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -255,6 +255,13 @@ class TrackingConfig(_Cfg):
     entity: str | None = Field(None, description="W&B entity (team or user) when online.")
 
 
+class HardwareConfig(_Cfg):
+    """The devices the run is planned for: `rlhf plan` and the check `rlhf run` makes before any work."""
+
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU in GiB to plan for (None: this machine's GPU, else its RAM).")
+    check_plan: bool = Field(True, description="`rlhf run` refuses to start when a stage it would build does not fit (see `rlhf plan`).")
+
+
 class RunConfig(_Cfg):
     name: str = Field("demo", description="Name of the RLHF run (W&B group, Prefect tags).")
     seed: int = Field(0, description="Seed for every random choice in every stage.")
@@ -265,6 +272,7 @@ class RunConfig(_Cfg):
     ppo_from: int = Field(2, ge=1, description="First round that runs PPO after rejection sampling (the paper: V5).")
     gatt_from: int = Field(3, ge=1, description="First round that runs Ghost Attention (the paper: after V3).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="W&B tracking.")
+    hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="Devices the run is planned for (`rlhf plan`).")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     pretrained: PretrainedStageConfig = Field(default_factory=PretrainedStageConfig, description="Stage `pretrained`.")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Stage `sft`.")
