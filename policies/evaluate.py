@@ -141,7 +141,7 @@ def sequence_kl(model, ref, tok, dialogues, replies_ids, device: str) -> list[fl
 
 def run(ctx: StageContext) -> dict:
     from reward_models.scoring import RewardScorer
-    from reward_models.train import accuracy_report
+    from reward_models.train import HELD_OUT_FILE, accuracy_report, held_out_comparisons
 
     from .generation import SamplingParams, generate
 
@@ -190,16 +190,25 @@ def run(ctx: StageContext) -> dict:
     metrics["kl_to_sft"] = float(np.mean(kl))
     metrics["kl_to_sft_ci95"] = ci(kl, seed)
 
-    # reward-model accuracy per preference strength on held-out comparisons
-    held = load_data(ctx, "eval_comparisons.jsonl", "preference")
-    if held:
-        for kind, model, t in (("helpful", scorer.helpful, scorer.tok_h), ("safety", scorer.safety, scorer.tok_s)):
-            domain = [c for c in held if c.is_safety_prompt == (kind == "safety")] or held
-            rep = accuracy_report(model, t, domain, scorer.max_length, device)
-            metrics[f"rm_accuracy_{kind}"] = rep["accuracy"]
+    # reward-model accuracy per preference strength (Llama 2 Table 8): `rm_accuracy_<kind>` on the RM's
+    # held-out ON-POLICY comparisons (split by prompt in the RM stage, its own domain); the off-policy
+    # template pairs of eval_comparisons.jsonl are the separate `rm_template_accuracy_<kind>`.
+    templates = load_data(ctx, "eval_comparisons.jsonl", "preference")
+    for kind, model, t in (("helpful", scorer.helpful, scorer.tok_h), ("safety", scorer.safety, scorer.tok_s)):
+        held = held_out_comparisons(ctx.input(f"reward_model_{kind}").file(HELD_OUT_FILE))
+        sets = {"rm_accuracy": held, "rm_template_accuracy": [c for c in templates if c.is_safety_prompt == (kind == "safety")] or templates}
+        if not held and templates:  # nothing held out (or an older RM artifact): say that the headline is the template pairs
+            sets["rm_accuracy"] = sets["rm_template_accuracy"]
+        metrics[f"rm_accuracy_{kind}_source"] = "held_out_on_policy" if held else ("template_pairs" if templates else None)
+        for name, comps in sets.items():
+            if not comps:
+                continue
+            rep = accuracy_report(model, t, comps, scorer.max_length, device)
+            metrics[f"{name}_{kind}"] = rep["accuracy"]
+            metrics[f"{name}_{kind}_n"] = rep["n_eval"]
             if rep.get("_rewards"):  # per comparison: chosen beats rejected (ties half), resampled over comparisons
-                metrics[f"rm_accuracy_{kind}_ci95"] = ci(win_outcomes(*rep["_rewards"]), seed)
-            metrics[f"rm_accuracy_{kind}_by_strength"] = {s: v["accuracy"] for s, v in rep["accuracy_by_strength"].items()}
+                metrics[f"{name}_{kind}_ci95"] = ci(win_outcomes(*rep["_rewards"]), seed)
+            metrics[f"{name}_{kind}_by_strength"] = {s: v["accuracy"] for s, v in rep["accuracy_by_strength"].items()}
 
     # the independent judges: the demo's gold oracle, an external command
     oracle = demo_oracle(ctx)

@@ -17,6 +17,7 @@ seeded half, 2 repeats every record twice). The rules above then apply to the po
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -91,9 +92,20 @@ def mix_for(kind: str, comparisons: Sequence[Comparison], mix_other_ratio: float
 
 
 def holdout(comparisons: Sequence[Comparison], fraction: float, seed: int) -> tuple[list[Comparison], list[Comparison]]:
-    """(train, held out): a seeded `fraction` of each round's batch is held out."""
-    rng = random.Random(seed)
+    """(train, held out), split by PROMPT: a seeded `fraction` of the prompts is held out with every
+    comparison on them, so no prompt has responses on both sides. The draw depends only on the seed and
+    the prompt's text, so a prompt held out in one round stays held out in every later round."""
     train, held = [], []
     for c in comparisons:
-        (held if rng.random() < fraction else train).append(c)
+        (held if prompt_held_out(c, fraction, seed) else train).append(c)
     return train, held
+
+
+def prompt_key(c: Comparison) -> str:
+    """The prompt of a comparison as text (role and content of every message)."""
+    return "\x1f".join(f"{m.role}:{m.content}" for m in c.prompt)
+
+
+def prompt_held_out(c: Comparison, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha1(f"{seed}:{prompt_key(c)}".encode()).hexdigest()
+    return int(digest[:12], 16) / float(16 ** 12) < fraction

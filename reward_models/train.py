@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.context import StageContext, StageFailed
-from pipeline.io import write_json
+from pipeline.io import write_json, write_jsonl
 from pipeline.models import save_policy
 
 from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
-from .data import StaticSet, holdout, mix_for, static_sets
+from .data import StaticSet, holdout, mix_for, prompt_key, static_sets
 from .losses import margin_for, pairwise_accuracy, ranking_loss
 from .model import encode_pair, forward_rewards, load_reward_model, score
+
+
+HELD_OUT_FILE = "held_out_comparisons.jsonl"  # the RM's own-domain held-out on-policy comparisons (evaluate reads it)
 
 
 def run_helpful(ctx: StageContext) -> dict:
@@ -143,18 +146,38 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     def own(comps):
         return [c for c in comps if c.is_safety_prompt == (kind == "safety")] or list(comps)
 
-    clean = own(load_data(ctx, "eval_comparisons.jsonl", "preference"))
-    # accuracy on this run's held-out comparisons; on the clean eval set when too few were held out
-    metrics.update(accuracy_report(model, tok, own(held) if len(held) >= 10 else clean, cfg.max_length, device))
-    metrics["accuracy_source"] = "held_out_comparisons" if len(held) >= 10 else "eval_comparisons"
-    if clean:
-        rep = accuracy_report(model, tok, clean, cfg.max_length, device)
-        metrics.update({f"eval_set_{k}": v for k, v in rep.items() if not isinstance(v, (dict, tuple))})
+    templates = own(load_data(ctx, "eval_comparisons.jsonl", "preference"))
+    # `accuracy` (Llama 2 Table 8): held-out ON-POLICY comparisons (sampled from the round's policies by
+    # collect_preferences, split by prompt), in this RM's own domain; the off-policy template pairs of
+    # eval_comparisons.jsonl are a separate metric, `template_accuracy*`. Only when nothing was held out
+    # does `accuracy` fall back to the template pairs, and `accuracy_source` says so.
+    held_own = [c for c in held if c.is_safety_prompt == (kind == "safety")]
+    source = "held_out_on_policy"
+    if held and not held_own:  # none of this RM's domain was held out: the other domain's, named as such
+        held_own, source = list(held), "held_out_on_policy_other_domain"
+    write_jsonl(ctx.out_dir / HELD_OUT_FILE, held_own)
+    metrics["n_held_out_prompts"] = len({prompt_key(c) for c in held})
+    if held_own:
+        metrics.update(accuracy_report(model, tok, held_own, cfg.max_length, device))
+        metrics["accuracy_source"] = source
+    if templates:
+        rep = accuracy_report(model, tok, templates, cfg.max_length, device)
+        metrics.update({f"template_{k}": v for k, v in rep.items() if not isinstance(v, tuple) and k != "reward_histogram"})
+        if not held_own:
+            metrics.update(rep)
+            metrics["accuracy_source"] = "template_pairs"
     rewards = metrics.pop("_rewards", None)
     write_json(ctx.out_dir / "reward_model.json", {"kind": kind, "margin": cfg.margin, "max_length": cfg.max_length,
                                                    "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}})
     _plot_histograms(ctx, rewards, kind)
     return metrics
+
+
+def held_out_comparisons(path) -> list[Comparison]:
+    """An RM artifact's held-out on-policy comparisons ([] for artifacts written before they were kept)."""
+    from data_specs.loaders import load_records
+
+    return load_records(path, "preference", format="own") if path.exists() and path.stat().st_size else []
 
 
 def aux_safety_loss(rc: torch.Tensor, rr: torch.Tensor, labels: list[tuple[bool | None, bool | None]]) -> torch.Tensor:

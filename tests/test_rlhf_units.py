@@ -147,3 +147,22 @@ def test_lora_training_merges_into_a_plain_model(tok):
     after = merged.state_dict()
     assert set(after) == set(before)
     assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_rm_holdout_splits_by_prompt_and_is_stable_across_rounds():
+    """Issue 12 item 4: no prompt has comparisons on both sides of the RM's held-out split, and a prompt
+    held out in round 1 is held out in round 2 too (the split depends on seed and prompt text only)."""
+    from data_specs.schemas import Comparison, Message
+    from reward_models.data import holdout, prompt_key
+
+    def comps(rnd):
+        return [Comparison(prompt=[Message(role="user", content=f"question {i}?")], chosen=f"a{j}", rejected=f"b{j}", round=rnd)
+                for i in range(200) for j in range(3)]
+
+    train1, held1 = holdout(comps(1), 0.2, seed=0)
+    train2, held2 = holdout(comps(2), 0.2, seed=0)
+    k = lambda cs: {prompt_key(c) for c in cs}  # noqa: E731
+    assert not k(train1) & k(held1) and 20 <= len(k(held1)) <= 60
+    assert k(held1) == k(held2)
+    assert all(sum(prompt_key(c) == p for c in held1) == 3 for p in list(k(held1))[:5])
+    assert k(holdout(comps(1), 0.2, seed=1)[1]) != k(held1)

@@ -91,6 +91,12 @@ def test_reward_models_register_scalar_head_and_accuracy(run, stage):
     assert rm.config.num_labels == 1 and rm.score.out_features == 1
     assert 0.0 <= a.metrics["accuracy"] <= 1.0 and "mean_margin" in a.metrics
     assert a.inputs["policy"]["stage"] == "sft"
+    # issue 12 item 4: `accuracy` on held-out on-policy comparisons (split by prompt), template pairs apart
+    assert a.metrics["accuracy_source"].startswith("held_out_on_policy") and a.metrics["n_held_out_prompts"] > 0
+    assert 0.0 <= a.metrics["template_accuracy"] <= 1.0
+    held = read_jsonl(a.file("held_out_comparisons.jsonl"))
+    own = a.metrics["accuracy_source"] == "held_out_on_policy"
+    assert len(held) == a.metrics["n_eval"] and all((c["is_safety_prompt"] == (stage == "reward_model_safety")) == own for c in held)
 
 
 def test_rejection_sampling_keeps_the_argmax(run):
@@ -122,8 +128,11 @@ def test_ghost_attention_and_evaluate_metrics(run):
     assert len(g["adherence_by_turn_before"]) == len(g["adherence_by_turn_after"]) > 1
     e = arts[("evaluate", 1)]
     for k in ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rate", "win_rate_vs_sft", "win_rate_vs_previous",
-              "rm_accuracy_helpful", "rm_accuracy_safety", "gatt_adherence_late_turns", "kl_to_sft", "mean_response_length"):
+              "rm_accuracy_helpful", "rm_accuracy_safety", "gatt_adherence_late_turns", "kl_to_sft", "mean_response_length",
+              "rm_template_accuracy_helpful", "rm_template_accuracy_safety"):
         assert k in e.metrics, k
+    assert e.metrics["rm_accuracy_helpful_source"] == e.metrics["rm_accuracy_safety_source"] == "held_out_on_policy"
+    assert e.metrics["rm_accuracy_helpful_n"] == arts[("reward_model_helpful", 1)].metrics["n_eval"]
     for f in ("report.json", "report.md", "samples.jsonl", "plots/win_rates.png"):
         assert e.file(f).exists(), f
 
