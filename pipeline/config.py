@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Cfg(BaseModel):
@@ -234,9 +234,16 @@ class GhostAttentionConfig(TrainConfig):
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled assistant turn.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature for assistant turns.")
     eval_dialogues: int = Field(40, ge=1, description="Held-out dialogues for adherence by turn.")
-    synthesis: Literal["attach_to_user", "fresh_context"] = Field("attach_to_user", description="How replies are sampled: the instruction attached to every user message of the dialogue (sec. 3.3), or as the system message of a one-turn context (for models that only obey system messages).")
-    checker: str | None = Field(None, description="'module:function(instruction, reply) -> bool' judging adherence; the demo's gold oracle when None.")
-    filter_samples: bool = Field(True, description="Keep only synthesized dialogues whose last reply obeys the instruction (needs a checker).")
+    synthesis: Literal["attach_to_user", "fresh_context"] = Field("attach_to_user", description="How replies are sampled: 'attach_to_user' (the paper, sec. 3.3): the whole dialogue so far with the instruction attached to every user message; 'fresh_context': each reply sampled in a one-turn context whose system message is the instruction, i.e. single-turn distillation of system-message obedience into multi-turn data, not the paper's synthesis.")
+    checker: str | None = Field(None, description="'module:function(instructions, reply) -> bool' that MEASURES adherence (before/after, and in evaluate); the demo's gold oracle when None. Never used to filter training data unless also named in filter_checker.")
+    filter: Literal["none", "checker"] = Field("none", description="Which synthesized dialogues are trained on: 'none' keeps all (the paper filters nothing); 'checker' keeps those whose last reply passes `filter_checker`, a rule the pipeline has in real life (a user-supplied checker), never the gold oracle that grades adherence.")
+    filter_checker: str | None = Field(None, description="'module:function(instructions, reply) -> bool' used by filter: checker (required then).")
+
+    @model_validator(mode="after")
+    def _filter_needs_checker(self):
+        if self.filter == "checker" and not self.filter_checker:
+            raise ValueError("ghost_attention.filter: checker needs ghost_attention.filter_checker ('module:function')")
+        return self
 
 
 class EvaluateConfig(_Cfg):

@@ -4,7 +4,11 @@
 
 1. Synthetic instructions (hobby, language, public figure, style), randomly combined.
 2. Multi-turn dialogues: the instruction is attached to EVERY user message and the assistant turns
-   are sampled from the latest RLHF policy (so they obey it).
+   are sampled from the latest RLHF policy (`synthesis: attach_to_user`, the paper's default).
+   `synthesis: fresh_context` instead samples each reply in a one-turn context with the instruction
+   as its system message: single-turn distillation of system-message obedience, not the paper's method.
+   Nothing is filtered by default (the paper filters nothing); `filter: checker` keeps the dialogues
+   whose last reply passes `filter_checker`, a user-supplied rule, never the adherence grader.
 3. Training data: the instruction is kept only in the first turn, as the system message (half the
    time in its short form, "Figure: Napoleon."); the loss is zero on every earlier turn, assistant
    messages included, so only the last assistant turn is trained on.
@@ -70,11 +74,27 @@ def training_dialogue(system: str, users: Sequence[str], replies: Sequence[str])
     return msgs
 
 
+def load_checker(spec: str) -> Checker:
+    """A 'module:function' checker."""
+    module, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def get_filter(cfg) -> Checker | None:
+    """The training-data filter named in the config (`filter: checker` + `filter_checker`), or None.
+    Deliberately never the gold oracle: the grader of adherence must not choose the training data."""
+    if cfg.filter == "none":
+        return None
+    if not cfg.filter_checker:
+        raise StageFailed("ghost_attention.filter: checker needs ghost_attention.filter_checker")
+    return load_checker(cfg.filter_checker)
+
+
 def get_checker(ctx: StageContext) -> Checker | None:
+    """The adherence GRADER (before/after metrics, evaluate): `checker`, else the demo's gold oracle."""
     spec = ctx.config.ghost_attention.checker
     if spec:
-        module, _, fn = spec.partition(":")
-        return getattr(importlib.import_module(module), fn)
+        return load_checker(spec)
     oracle = demo_oracle(ctx)
     if oracle is None:
         return None
@@ -124,6 +144,7 @@ def run(ctx: StageContext) -> dict:
     if not pool:
         raise StageFailed(f"no GAtt instructions in categories {cfg.categories}")
     checker = get_checker(ctx)
+    keep = get_filter(cfg)
     model, tok = load_policy(ctx.input("policy").path, ctx.device)
 
     users = user_pool(ctx)
@@ -154,10 +175,12 @@ def run(ctx: StageContext) -> dict:
 
     records, kept = [], []
     for d in dialogs:
-        obeys = checker(d["instructions"], d["replies"][-1]) if checker else None
+        obeys = checker(d["instructions"], d["replies"][-1]) if checker else None  # measured only, never a filter
+        passes = keep(d["instructions"], d["replies"][-1]) if keep else None
         msgs = training_dialogue(system_message(d["instructions"], d["short"]), d["users"], d["replies"])
-        records.append({"messages": msgs, "instructions": [i.model_dump() for i in d["instructions"]], "last_reply_obeys": obeys})
-        if obeys is not False or not cfg.filter_samples:
+        records.append({"messages": msgs, "instructions": [i.model_dump() for i in d["instructions"]], "last_reply_obeys": obeys,
+                        "passes_filter": passes})
+        if passes is not False:
             kept.append(msgs)
     write_jsonl(ctx.out_dir / "gatt_dialogues.jsonl", records)
     filter_fallback = not kept
@@ -174,8 +197,10 @@ def run(ctx: StageContext) -> dict:
     metrics = {
         "n_dialogues": len(dialogs),
         "n_trained": len(kept),
+        "filter": cfg.filter if cfg.filter == "none" else f"checker:{cfg.filter_checker}",
+        "synthesis": cfg.synthesis,
         "filter_fallback": filter_fallback,
-        "share_obeying_samples": sum(r["last_reply_obeys"] is True for r in records) / len(records),
+        "share_obeying_samples": sum(r["last_reply_obeys"] is True for r in records) / len(records),  # by the grader
         "train_loss": train["train_loss"],
         "resumed_from_step": train["resumed_from_step"],
     }

@@ -166,3 +166,24 @@ def test_rm_holdout_splits_by_prompt_and_is_stable_across_rounds():
     assert k(held1) == k(held2)
     assert all(sum(prompt_key(c) == p for c in held1) == 3 for p in list(k(held1))[:5])
     assert k(holdout(comps(1), 0.2, seed=1)[1]) != k(held1)
+
+
+def test_gatt_filter_defaults_to_none_and_never_uses_the_grader(monkeypatch):
+    """Issue 12 item 6: no filter by default (the paper has none), the paper's synthesis by default; a
+    filter must be a named, user-supplied checker, never the gold oracle that grades adherence."""
+    from pipeline.config import GhostAttentionConfig, load_config
+    from policies.ghost_attention import get_filter
+
+    for preset in ("tiny", "demo", "llama2-7b"):
+        g = load_config(preset, check_device=False).ghost_attention
+        assert g.filter == "none" and g.synthesis == "attach_to_user" and get_filter(g) is None, preset
+    with pytest.raises(Exception, match="filter_checker"):
+        GhostAttentionConfig(filter="checker")
+    g = GhostAttentionConfig(filter="checker", filter_checker="tests.test_rlhf_units:_ends_with_done")
+    assert get_filter(g) is _ends_with_done
+    with pytest.raises(Exception):
+        GhostAttentionConfig(filter_samples=True)  # the old gold-filter switch is gone
+
+
+def _ends_with_done(instructions, reply):
+    return reply.rstrip(".").endswith("Done")

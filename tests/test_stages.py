@@ -126,6 +126,8 @@ def test_ghost_attention_and_evaluate_metrics(run):
     _, arts = run
     g = arts[("ghost_attention", 1)].metrics
     assert len(g["adherence_by_turn_before"]) == len(g["adherence_by_turn_after"]) > 1
+    # issue 12 item 6: nothing is filtered by default (the gold oracle only grades), the paper's synthesis
+    assert g["filter"] == "none" and g["synthesis"] == "attach_to_user" and g["n_trained"] == g["n_dialogues"]
     e = arts[("evaluate", 1)]
     for k in ("gold_helpfulness", "gold_safety_violation_rate", "false_refusal_rate", "win_rate_vs_sft", "win_rate_vs_previous",
               "rm_accuracy_helpful", "rm_accuracy_safety", "gatt_adherence_late_turns", "kl_to_sft", "mean_response_length",
