@@ -57,6 +57,8 @@ class TrainConfig(_Cfg):
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N optimiser steps.")
     eval_fraction: float = Field(0.02, ge=0, lt=0.5, description="Share of examples held out for validation loss.")
     bf16: bool = Field(False, description="Use bfloat16 autocast (faster on recent CPUs and GPUs).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass: keeps only "
+                                         "each layer's input (see `rlhf plan`), at about a third more compute. Same results.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / QLoRA settings.")
 
 
@@ -174,6 +176,9 @@ class RewardModelConfig(_Cfg):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up share of steps (sec. 3.2.2: 3%).")
     min_warmup_steps: int = Field(5, ge=0, description="At least this many warm-up steps (sec. 3.2.2: 5).")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (the base model's optimiser settings).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1 (sec. 3.2.2: the base model's optimiser settings, Llama 2 pretraining 0.9).")
+    adam_beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2 (sec. 3.2.2: the base model's settings, 0.95).")
+    adam_eps: float = Field(1e-5, gt=0, description="AdamW eps (sec. 3.2.2: the base model's settings, 1e-5).")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (sec. 3.2.2: 1; longer overfits).")
     batch_size: int = Field(512, ge=1, description="Comparison pairs per optimiser step (sec. 3.2.2: 512 pairs).")
     micro_batch_size: int = Field(8, ge=1, description="Pairs per forward pass.")
@@ -181,18 +186,19 @@ class RewardModelConfig(_Cfg):
     mix_other_ratio: float = Field(1.0, ge=0, description="Helpful RM: other data as a multiple of the own-domain data (sec. 3.2.2: equal part). Safety RM: ignored.")
     helpful_share: float = Field(0.1, ge=0, lt=1, description="Safety RM: share of helpfulness data in the mix (sec. 3.2.2: 90/10).")
     aux_safety_weight: float = Field(0.0, ge=0, description="Weight of an auxiliary safety loss: binary cross-entropy of sigmoid(r) against each response's safety label. The paper mentions such a loss for the safety RM (Table 29) without its formula; this is ours. It also calibrates R_s so the 0.15 gate means something.")
-    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of each round's comparisons held out for accuracy.")
+    eval_fraction: float = Field(0.1, ge=0, lt=0.5, description="Share of PROMPTS held out, with all their comparisons, for accuracy on held-out on-policy comparisons (the split depends on seed and prompt text, so it is stable across rounds).")
     checkpoint_every: int = Field(50, ge=1, description="Resumable checkpoint every N optimiser steps.")
     bf16: bool = Field(False, description="bfloat16 autocast.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 
 
 class RejectionSamplingConfig(TrainConfig):
-    k: int = Field(10, ge=1, description="Samples per prompt (the paper does not state its K; Fig. 7 goes to 100).")
+    k: int = Field(10, ge=1, description="Samples per prompt PER TEMPERATURE: K = k * len(temperatures) candidates per prompt (the paper does not state its K; Fig. 7 goes to 100).")
     temperatures: list[float] = Field([1.0], min_length=1, description="Sampling temperatures (sec. 3.2.3 Fig. 8: 1.2-1.3 for later RLHF models).")
     prompts_per_round: int = Field(1000, ge=1, description="Prompts sampled per round.")
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
     keep_all_rounds: bool = Field(True, description="Train on the best samples of all earlier rounds too (sec. 3.2.3, from RLHF-V3).")
+    rescore_earlier: bool = Field(True, description="Re-score earlier rounds' best samples with this round's reward models and keep, per prompt, the best of all iterations (sec. 3.2.3); false keeps every earlier best as it was selected.")
     safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate on the safety score (sec. 3.2.3: 0.15).")
     min_reward_gap: float = Field(0.0, ge=0, description="Keep a prompt's best sample only when its combined reward beats the prompt's median by at least this much; 0 keeps every prompt (the paper). Skips prompts the reward models cannot tell apart.")
 
@@ -214,8 +220,12 @@ class PPOConfig(_Cfg):
     beta: float = Field(0.01, ge=0, description="KL penalty (sec. 3.2.3: 0.01 for 7B/13B, 0.005 for 34B/70B).")
     gamma: float = Field(1.0, gt=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature; the PPO log-probs (policy, old and reference) are taken at the same temperature (logits / T), so the ratio is that of the sampling distribution.")
     max_new_tokens: int = Field(256, ge=1, description="Longest rollout.")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="Subtracted from the (whitened) reward of a rollout that did not end within max_new_tokens: the RM template appends an end of turn, so a truncated reply would otherwise be scored as finished (ours; cf. TRL's missing_eos_penalty).")
+    early_stop_patience: int = Field(0, ge=0, description="Early stopping on a held-out reward (sec. 3.2.3: evaluations on held-out prompts): stop after this many evaluations without improvement and keep the best; 0 = off.")
+    early_stop_every: int = Field(10, ge=1, description="Evaluate the held-out reward every N iterations (with early_stop_patience > 0).")
+    early_stop_prompts: int = Field(32, ge=1, description="Prompts of prompts.jsonl held out of PPO training for the early-stop reward (not the evaluation set).")
     safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate (sec. 3.2.3: 0.15).")
     kl_bound: float = Field(10.0, gt=0, description="Stop (keeping the last good checkpoint) when mean KL to pi_0 exceeds this.")
     min_response_tokens: float = Field(1.0, ge=0, description="Stop when the mean response length collapses below this.")

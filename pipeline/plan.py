@@ -154,14 +154,15 @@ def _trainable(shape: Shape, tc_lora, base_params: int) -> int:
 
 def _sft_like(name: str, shape: Shape, tc: TrainConfig, extra_resident: int = 0, note: str = "") -> StagePlan:
     tokens = tc.micro_batch_size * tc.seq_len
-    terms = train_step(shape.params, _trainable(shape, tc.lora, shape.params), activation_bytes(shape, tokens), logits_bytes(shape, tokens))
+    terms = train_step(shape.params, _trainable(shape, tc.lora, shape.params), activation_bytes(shape, tokens, tc.gradient_checkpointing),
+                       logits_bytes(shape, tokens))
     gen = sampling(shape, shape.params + extra_resident)
     peak = max(terms["peak"] + extra_resident * FP32, gen["peak"])
     if extra_resident:
         terms["reward_models"] = extra_resident * FP32
     terms["kv_cache"] = gen["kv_cache"]
     return StagePlan(name, peak, terms, note or f"micro-batch {tc.micro_batch_size} x {tc.seq_len} tokens"
-                     + (", LoRA" if tc.lora.enabled else ", full fine-tuning"))
+                     + (", LoRA" if tc.lora.enabled else ", full fine-tuning") + (", gradient checkpointing" if tc.gradient_checkpointing else ""))
 
 
 def _reward_model(name: str, shape: Shape, rc) -> StagePlan:
@@ -257,6 +258,8 @@ def fix_for(plan: StagePlan, cfg: RunConfig, budget: float) -> str:
             hints.append("use GPUs with more memory or a smaller model: the float32 weights and resident models alone exceed one device "
                          "(bf16 weights and sharding across GPUs are not available yet)")
     if sec is not None and plan.peak_bytes - static > 0.25 * budget:
+        if hasattr(sec, "gradient_checkpointing") and not sec.gradient_checkpointing:
+            hints.append(f"turn on gradient checkpointing (--set {plan.stage}.gradient_checkpointing=true)")
         if t.get("rollout_logits", 0) > 0.25 * budget:
             hints.append(f"lower ppo.batch_size (now {sec.batch_size}: the log-probs of the whole rollout batch are computed at once)")
         for key in ("micro_batch_size", "mini_batch_size"):

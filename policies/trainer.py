@@ -288,6 +288,8 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     """Train `model` in place on packed rows; resumable. Returns summary metrics."""
     device = ctx.device
     model.to(device).train()
+    if tc.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer (pipeline/plan.py)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = len(train_rows)
     if n == 0:
         raise StageFailed(f"{ctx.stage}: no training examples with answer tokens")
@@ -344,6 +346,8 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                             step=step + 1, rng=torch.get_rng_state())
     bar.close()
+    if tc.gradient_checkpointing:
+        model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
     elapsed = time.time() - t0
     eval_loss = evaluate_loss(model, eval_rows, tc.micro_batch_size, device)
     return {

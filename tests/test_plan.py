@@ -107,3 +107,31 @@ def test_unknown_hub_model_is_a_clear_error():
     cfg = load_config("tiny", ["pretrained.model=some-org/never-downloaded"])
     with pytest.raises(PlanError, match="without downloading it"):
         model_shape(cfg)
+
+
+def test_gradient_checkpointing_gives_the_same_training_and_a_smaller_plan(tmp_path):
+    """The config key reaches the trainer (same losses: recomputation is exact) and the plan (fewer activations)."""
+    from pipeline.context import StageContext
+    from pipeline.registry import Registry
+    from policies.trainer import pack_examples, train_causal_lm
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    examples = [([1] + list(range(5, 40 + i % 7)), [-100] * 10 + list(range(14, 40 + i % 7))) for i in range(24)]
+    rows = pack_examples(examples, 64, tok.pad_token_id)
+    losses = {}
+    for ckpt in (False, True):
+        cfg = load_config("tiny", [f"run_dir={tmp_path / str(ckpt)}", f"sft.gradient_checkpointing={str(ckpt).lower()}", "sft.max_steps=3",
+                                   "sft.batch_size=4", "sft.micro_batch_size=2"])
+        model = tiny_llama(tok)
+        seen = []
+        model.register_forward_hook(lambda m, a, out: seen.append(m.is_activation_checkpointing) if m.training else None)
+        ctx = StageContext("sft", 0, "v", cfg, {}, tmp_path / f"out{ckpt}", tmp_path / f"work{ckpt}", Registry(tmp_path / "reg"),
+                           show_progress=False)
+        losses[ckpt] = [round(train_causal_lm(model, rows, [], cfg.sft, ctx, seed=0)["train_loss"], 5)]
+        assert set(seen) == {ckpt} and not model.is_activation_checkpointing  # on while training only
+    assert losses[True] == losses[False]
+    shape = model_shape(load_config("tiny"))
+    plain = {p.stage: p for p in make_plan(load_config("tiny"), shape)[0]}["sft"]
+    ckpt = {p.stage: p for p in make_plan(load_config("tiny", ["sft.gradient_checkpointing=true"]), shape)[0]}["sft"]
+    assert ckpt.terms["activations"] < plain.terms["activations"] and "gradient checkpointing" in ckpt.note
