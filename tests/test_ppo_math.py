@@ -122,3 +122,30 @@ def test_value_loss():
     loss, clip_frac = value_loss(t([1.0, 0.0, 50.0]), t([0.5, 0.0, 0.0]), t([2.0, 1.0, 0.0]), t([1, 1, 0]), clip=0.2)
     assert close(loss, 0.6725)
     assert close(clip_frac, 0.5)
+
+
+def test_ppo_clip_loss_lower_bound_default_clip_and_dtypes():
+    # ratio 0.5 with a negative advantage: -(-1) * 0.5 = 0.5 vs clipped -(-1) * 0.8 = 0.8 -> 0.8 (the lower bound binds)
+    old = torch.log(t([0.4]))
+    logp = old + math.log(0.5)
+    loss, clip_frac, _ = ppo_clip_loss(logp, old, t([-1.0]), t([1.0]))  # default clip 0.2 (Llama 2)
+    assert close(loss, 0.8) and close(clip_frac, 1.0)
+    assert clip_frac.dtype == logp.dtype and loss.dtype == logp.dtype
+    # ratio 1.15 within the default clip: no clipping (a wider default would give the same; 1.3 tells them apart)
+    logp = old + math.log(1.3)
+    loss, clip_frac, _ = ppo_clip_loss(logp, old, t([1.0]), t([1.0]))
+    assert close(loss, -1.2) and close(clip_frac, 1.0)
+
+
+def test_value_loss_both_bounds_default_clip_and_dtypes():
+    # v 0.0, old 1.0 -> v_clip 0.8 (lower bound); return 2: (0 - 2)^2 = 4 vs (0.8 - 2)^2 = 1.44 -> 4, not clipped
+    # v 1.1, old 1.0 -> v_clip 1.1 (inside); return 0: 1.21 both
+    # v 3.0, old 1.0 -> v_clip 1.2 (upper bound, default clip 0.2); return 0: 9 vs 1.44 -> 9
+    # v -1.0, old 1.0 -> v_clip 0.8; return 0: 1 vs 0.64 -> 1
+    values, old, ret, mask = t([0.0, 1.1, 3.0, -1.0]), t([1.0, 1.0, 1.0, 1.0]), t([2.0, 0.0, 0.0, 0.0]), t([1, 1, 1, 1])
+    loss, frac = value_loss(values, old, ret, mask)
+    assert close(loss, 0.5 * (4 + 1.21 + 9 + 1) / 4)
+    assert close(frac, 0.0) and frac.dtype == values.dtype
+    # v -1.0, old 1.0, return 1.0: (−1 − 1)^2 = 4 vs (0.8 − 1)^2 = 0.04 -> 4; v 0.5 old 1.0 return -1: 2.25 vs (0.8+1)^2 = 3.24 -> clipped
+    loss, frac = value_loss(t([-1.0, 0.5]), t([1.0, 1.0]), t([1.0, -1.0]), t([1, 1]))
+    assert close(loss, 0.5 * (4 + 3.24) / 2) and close(frac, 0.5)
