@@ -359,6 +359,14 @@ def test_reward_model_trainer_learns_a_learnable_preference(rm_stage):
     assert sum(v["n"] for v in by.values()) == 40
 
 
+def test_reward_model_optimiser_uses_the_base_models_adamw_settings(rm_stage):
+    """Issue 12.7: the RM optimiser is AdamW(0.9, 0.95, eps 1e-5) (sec. 3.2.2), not torch's defaults."""
+    ctx, _ = rm_stage
+    state = torch.load(ctx.work_dir / "rm_state.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        assert tuple(group["betas"]) == (0.9, 0.95) and group["eps"] == 1e-5
+
+
 def test_reward_model_history_logs_training_accuracy(rm_stage):
     from pipeline.io import read_jsonl
 
@@ -550,3 +558,22 @@ def test_gatt_adherence_counts_the_checker_per_turn_with_the_instruction_in_the_
     assert len(adh) == 3 and len(seen) == 18
     share = seen[:6].count("hobby") / 6
     assert 0 < share < 1 and adh == pytest.approx([share] * 3)
+
+
+def test_scorer_from_a_stage_context_loads_each_model_from_its_input(two_rms):
+    from reward_models.model import load_reward_model, score
+    from reward_models.scoring import RewardScorer
+
+    h_path, s_path = two_rms
+    arts = {"reward_model_helpful": _art(h_path), "reward_model_safety": _art(s_path)}
+    cfg = load_config("tiny", ["reward_model_helpful.max_length=40", "reward_model_safety.max_length=72", "device=cpu"])
+    ctx = SimpleNamespace(config=cfg, device="cpu", input=arts.__getitem__)
+    sc = RewardScorer.from_inputs(ctx, threshold=0.3)
+    assert sc.max_length == 72 and sc.threshold == 0.3 and sc.device == "cpu"
+    assert RewardScorer.from_inputs(ctx).threshold == 0.15
+    texts, prompts = ["Velmor.", "No."], DIALOGUES[:2]
+    out = sc.score(prompts, texts, [False, False])
+    h, th = load_reward_model(h_path)
+    s, ts = load_reward_model(s_path)
+    assert torch.allclose(out.r_helpful, torch.sigmoid(score(h, th, prompts, texts, 72)), atol=1e-6)
+    assert torch.allclose(out.r_safety, torch.sigmoid(score(s, ts, prompts, texts, 72)), atol=1e-6)
