@@ -9,8 +9,18 @@ on the last), GAE, then one gradient step per mini-batch with the clipped policy
 
 Memory: the value head sits on the policy trunk (one forward gives logits and values); with LoRA
 the reference policy is the same weights with adapters disabled, so no second copy is held.
-Guards stop the stage, keeping the last good checkpoint, when KL exceeds `kl_bound`, a loss or
-reward is not finite, or the response length collapses or explodes; the reason is in the manifest.
+Guards stop the stage, keeping the last good checkpoint, when KL exceeds `kl_bound`, a reward is not
+finite, or the response length collapses or explodes; the reason is in the manifest. A non-finite
+training loss fails the stage (StageFailed): the update that produced it cannot be trusted.
+
+Log-probs (policy, old and reference) are taken at the rollout temperature (logits / T), so the PPO
+ratio and the KL are those of the distribution the rollouts were sampled from. A rollout that did not
+end within `max_new_tokens` loses `missing_eos_penalty` from its whitened reward (the RM template
+appends an end of turn, so it would otherwise be scored as a finished reply). With
+`early_stop_patience > 0`, the mean unwhitened combined reward of greedy replies to
+`early_stop_prompts` prompts held out of PPO training is measured every `early_stop_every`
+iterations; the stage stops after `early_stop_patience` evaluations without a new best and keeps the
+best policy (sec. 3.2.3: "evaluations on held-out prompts for early stopping").
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ import time
 import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
-from pipeline.context import StageContext
+from pipeline.context import StageContext, StageFailed
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy
 
@@ -67,15 +77,18 @@ def _lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def forward_policy(model, head, critic, batch: dict, with_values: bool = True):
+def forward_policy(model, head, critic, batch: dict, with_values: bool = True, temperature: float = 1.0):
     """Per-response-token (logprobs, entropy, values), each (B, A). Logits and values come from one
-    pass through the shared trunk (or a separate critic trunk when configured)."""
+    pass through the shared trunk (or a separate critic trunk when configured). Log-probs and entropy
+    are those of softmax(logits / temperature), the distribution the rollouts were sampled from."""
     ids, attn, index, resp = batch["input_ids"], batch["attention_mask"], batch["response_index"], batch["response_ids"]
     lm = _lm(model)  # with LoRA the adapters live inside these modules, so this pass uses them
     hidden = lm.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
     gather = index.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
     h = hidden.gather(1, gather)  # (B, A, H): the states that predict each response token
     logits = lm.lm_head(h).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     logp = logprobs_from_logits(logits, resp)
     ent = entropy_from_logits(logits)
     values = None
@@ -115,21 +128,55 @@ def build_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id:
 
 
 @torch.no_grad()
-def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, beta: float, gamma: float = 1.0, lam: float = 0.95):
+def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, beta: float, gamma: float = 1.0, lam: float = 0.95,
+               temperature: float = 1.0):
     """The no-grad half of a PPO iteration: old log-probs and values, KL to pi_0 (a frozen `ref`, or
     the policy with its adapters disabled when `ref` is None), per-token rewards, GAE, whitened
     advantages. Returns (old_logp, old_values, kl, advantages, returns), each (B, A)."""
     mask = batch["mask"]
-    old_logp, _, old_values = forward_policy(policy, head, critic, batch)
+    old_logp, _, old_values = forward_policy(policy, head, critic, batch, temperature=temperature)
     if ref is not None:
-        ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False)
+        ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False, temperature=temperature)
     else:
         with policy.disable_adapter():
-            ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False)
+            ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False, temperature=temperature)
     kl = kl_penalty(old_logp, ref_logp, "k1")
     rewards = per_token_rewards(scores, kl, mask, beta)
     adv, returns = gae(rewards, old_values * mask, mask, gamma, lam)
     return old_logp, old_values, kl, masked_whiten(adv, mask), returns
+
+
+def finished(responses: list[list[int]], stops) -> torch.Tensor:
+    """(B,) bool: the rollout ended with a stop token (generate returns it) within max_new_tokens."""
+    stops = set(int(t) for t in stops)
+    return torch.tensor([bool(r) and int(r[-1]) in stops for r in responses], dtype=torch.bool)
+
+
+def penalise_truncated(scores: torch.Tensor, done: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Scores minus `penalty` where the rollout was cut off at max_new_tokens (no end of turn)."""
+    return scores - penalty * (~done.to(scores.device)).to(scores.dtype)
+
+
+def held_out_split(prompts: list, n: int, enabled: bool) -> tuple[list, list]:
+    """(train prompts, early-stop prompts): the last n prompts are held out of PPO when enabled."""
+    if not enabled or len(prompts) <= n:
+        return prompts, []
+    return prompts[:-n], prompts[-n:]
+
+
+class EarlyStop:
+    """Stop after `patience` evaluations without a new best held-out reward; remembers the best step."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_step, self.bad = patience, float("-inf"), None, 0
+
+    def update(self, value: float, step: int) -> tuple[bool, bool]:
+        """(improved, stop)."""
+        if value > self.best:
+            self.best, self.best_step, self.bad = value, step, 0
+            return True, False
+        self.bad += 1
+        return False, self.patience > 0 and self.bad >= self.patience
 
 
 def _select(batch: dict, idx: torch.Tensor) -> dict:
@@ -155,9 +202,21 @@ def run(ctx: StageContext) -> dict:
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
-    prompts_all = load_data(ctx, "prompts.jsonl", "prompt")
+    prompts_all, early_prompts = held_out_split(load_data(ctx, "prompts.jsonl", "prompt"), cfg.early_stop_prompts,
+                                                cfg.early_stop_patience > 0)
     oracle = demo_oracle(ctx)
     stops = stop_token_ids(tok)
+    early = EarlyStop(cfg.early_stop_patience)
+    best_ckpt = ctx.work_dir / "ppo_best.pt"
+
+    def held_out_reward() -> float:
+        """Mean unwhitened combined reward of greedy replies to the early-stop prompts."""
+        dl = [messages_to_dicts(p.messages) for p in early_prompts]
+        sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stops, seed=ctx.seed)
+        outs = [r[0] for r in generate(policy, [encode_prompt(tok, d) for d in dl], sp, n=1, pad_token_id=tok.pad_token_id)]
+        txt = [tok.decode(r, skip_special_tokens=True).strip() for r in outs]
+        s = scorer.score(dl, txt, [p.is_safety for p in early_prompts], whiten=False).combined
+        return float(penalise_truncated(s, finished(outs, stops), cfg.missing_eos_penalty).mean())
 
     ckpt = ctx.work_dir / "ppo_state.pt"
     start = resumed = 0
@@ -188,11 +247,13 @@ def run(ctx: StageContext) -> dict:
         responses = [r[0] for r in generate(policy, prompt_ids, sp, n=1, pad_token_id=tok.pad_token_id)]
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
         sc = scorer.score(dialogues, texts, [p.is_safety for p in prompts])
+        done = finished(responses, stops)
         batch = {k: v.to(device) for k, v in build_batch(prompt_ids, responses, tok.pad_token_id).items()}
         mask = batch["mask"]
+        rewards_in = penalise_truncated(sc.combined.to(device), done, cfg.missing_eos_penalty)
 
-        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, sc.combined.to(device), cfg.beta,
-                                                            cfg.gamma, cfg.lam)
+        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, rewards_in, cfg.beta,
+                                                            cfg.gamma, cfg.lam, temperature=cfg.temperature)
 
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
         n_updates = 0
@@ -202,13 +263,13 @@ def run(ctx: StageContext) -> dict:
             for i in range(0, len(prompts), cfg.mini_batch_size):
                 idx = perm[i : i + cfg.mini_batch_size].to(device)
                 mb = _select(batch, idx)
-                logp, ent, values = forward_policy(policy, head, critic, mb)
+                logp, ent, values = forward_policy(policy, head, critic, mb, temperature=cfg.temperature)
                 pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[idx], adv[idx], mb["mask"], cfg.clip)
                 vl, _ = value_loss(values, old_values[idx], returns[idx], mb["mask"], cfg.value_clip)
                 loss = pl + cfg.vf_coef * vl
-                if not torch.isfinite(loss):
-                    stop_reason = f"non-finite loss at step {step}"
-                    break
+                if not torch.isfinite(loss):  # fail the stage, not just this mini-batch loop (issue 12.7)
+                    raise StageFailed(f"ppo: non-finite loss ({float(loss)}) at step {step} (policy {float(pl)}, value {float(vl)}); "
+                                      f"the last good checkpoint is step {good['step']} in {ckpt}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -221,7 +282,8 @@ def run(ctx: StageContext) -> dict:
         lengths = mask.sum(1)
         row = {
             "reward": float(sc.gated.mean()),
-            "reward_logit": float(torch.logit(sc.gated.clamp(1e-6, 1 - 1e-6)).mean()),
+            "reward_logit": float(sc.gated_logit.mean()),
+            "truncated_frac": float((~done).float().mean()),
             "reward_whitened": float(sc.combined.mean()),
             "r_helpful": float(sc.r_helpful.mean()),
             "r_safety": float(sc.r_safety.mean()),
@@ -244,9 +306,24 @@ def run(ctx: StageContext) -> dict:
             break
         if (step + 1) % cfg.checkpoint_every == 0:
             save(step + 1)
+        if early_prompts and ((step + 1) % cfg.early_stop_every == 0 or step + 1 == cfg.steps):
+            value = held_out_reward()
+            improved, stop = early.update(value, step + 1)
+            ctx.log({"held_out_reward": value}, step=step)
+            if improved:
+                save_checkpoint(best_ckpt, policy=policy.state_dict(), head=head.state_dict(), step=step + 1)
+            if stop:
+                stop_reason = (f"early stop: held-out reward {value:.3f} not above the best {early.best:.3f} (step {early.best_step}) "
+                               f"for {cfg.early_stop_patience} evaluations")
+                break
     bar.close()
 
-    if stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
+    best_state = load_checkpoint(best_ckpt, required=("policy", "head", "step")) if early_prompts else None
+    if best_state is not None and (stop_reason != "completed" or early.best_step != len(history) + resumed):
+        policy.load_state_dict(best_state["policy"]); head.load_state_dict(best_state["head"])  # keep the best held-out policy
+        good["step"] = best_state["step"]
+        stop_reason = stop_reason if stop_reason != "completed" else "completed (kept the best held-out step)"
+    elif stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
         state = load_checkpoint(ckpt, required=("policy", "head", "step"))
         if state is not None:
             policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"])
@@ -261,6 +338,8 @@ def run(ctx: StageContext) -> dict:
         "stop_reason": stop_reason,
         "steps_done": len(history) + resumed,
         "kept_step": good["step"] if stop_reason != "completed" else len(history) + resumed,
+        "best_held_out_reward": early.best if early_prompts and early.best_step is not None else None,
+        "truncated_frac": last.get("truncated_frac"),
         "resumed_from_step": resumed,
         "reward": last.get("reward"),
         "reward_first": first.get("reward"),

@@ -2,10 +2,13 @@
 
     rlhf stage rejection_sampling --round 1
 
-For each prompt, K samples from the latest policy at each configured temperature (each prompt is
-prefilled once and its KV cache shared by the K samples), scored with the safety-gated combined
-reward; the best per prompt is kept. The training set is this round's best plus the best of all
-earlier rounds (the paper, from RLHF-V3 on), fine-tuned with the SFT machinery (answer-only loss).
+For each prompt, `k` samples from the latest policy at EACH configured temperature (so K = k x the
+number of temperatures candidates per prompt; each prompt is prefilled once and its KV cache shared by
+the samples), scored with the safety-gated combined reward; the best per prompt is kept. The training
+set is the best of all iterations (the paper, from RLHF-V3 on): with `rescore_earlier` (default) the
+earlier rounds' kept samples are re-scored by THIS round's reward models and, per prompt, only the
+best of this round's and the earlier ones (by the unwhitened combined reward) is trained on; without
+it every earlier best is kept as selected then. Fine-tuned with the SFT machinery (answer-only loss).
 """
 from __future__ import annotations
 
@@ -37,6 +40,18 @@ def reward_vs_k(rewards: torch.Tensor) -> dict[str, list[float]]:
         "max": [float(rewards[:, :k].max(dim=1).values.mean()) for k in ks],
         "median": [float(rewards[:, :k].median(dim=1).values.mean()) for k in ks],
     }
+
+
+def best_of_all_rounds(current: list[dict], earlier: list[dict], earlier_scores: list[float]) -> list[dict]:
+    """Per prompt, the one sample with the highest current-RM score among this round's best (its
+    "reward_raw") and the earlier rounds' bests (`earlier_scores`, re-scored by this round's RMs).
+    Ties keep this round's sample. Prompts only seen earlier keep their best earlier sample."""
+    best: dict[str, tuple[float, int, dict]] = {}
+    for order, (s, score) in enumerate([(s, s["reward_raw"]) for s in current] + list(zip(earlier, earlier_scores))):
+        s = {**s, "reward_current_rms": float(score)}
+        if s["prompt_id"] not in best or score > best[s["prompt_id"]][0]:
+            best[s["prompt_id"]] = (float(score), order, s)
+    return [v[2] for v in sorted(best.values(), key=lambda v: v[1])]
 
 
 def run(ctx: StageContext) -> dict:
@@ -80,16 +95,24 @@ def run(ctx: StageContext) -> dict:
         rows.append({"prompt_id": p.id, "prompt": dialogues[i], "is_safety": p.is_safety, "category": p.category,
                      "candidates": cand_rows, "kept": best})
         selected.append({"prompt_id": p.id, "prompt": dialogues[i], "response": cands[best][0], "reward": cand_rows[best]["reward"],
-                         "round": ctx.round})
+                         "reward_raw": float(scores.gated_logit[i * K + best]), "is_safety": p.is_safety, "round": ctx.round})
     gaps = rewards.max(dim=1).values - rewards.median(dim=1).values
     selected = [s for s, gap in zip(selected, gaps.tolist()) if gap >= cfg.min_reward_gap]
     write_jsonl(ctx.out_dir / "samples.jsonl", rows)
     write_jsonl(ctx.out_dir / "selected.jsonl", selected)
 
-    # this round's best plus the best of all earlier rounds (deduplicated)
-    train_set = list(selected)
-    for art in ctx.inputs_like("earlier_r"):
-        train_set += read_jsonl(art.file("selected.jsonl"))
+    # this round's best plus the best of all earlier rounds (deduplicated); re-scored by this round's RMs
+    earlier = [s for art in ctx.inputs_like("earlier_r") for s in read_jsonl(art.file("selected.jsonl")) if s["response"].strip()]
+    n_replaced = 0
+    if earlier and cfg.rescore_earlier:
+        flags = {p.id: p.is_safety for p in load_data(ctx, "prompts.jsonl", "prompt")}
+        rescored = scorer.score([s["prompt"] for s in earlier], [s["response"] for s in earlier],
+                                [s.get("is_safety", flags.get(s["prompt_id"], False)) for s in earlier], whiten=False).combined.tolist()
+        train_set = best_of_all_rounds(selected, earlier, rescored)
+        mine = {s["prompt_id"] for s in selected}
+        n_replaced = sum(s["round"] != ctx.round and s["prompt_id"] in mine for s in train_set)
+    else:
+        train_set = list(selected) + earlier
     seen, unique = set(), []
     for s in train_set:
         key = (s["prompt_id"], s["response"])
@@ -115,6 +138,10 @@ def run(ctx: StageContext) -> dict:
         "n_train_examples": len(unique),
         "n_kept_prompts": len(selected),
         "n_from_earlier_rounds": sum(s["round"] != ctx.round for s in unique),
+        "n_earlier_candidates": len(earlier),
+        "n_earlier_beat_this_round": n_replaced,  # prompts where an earlier round's best scores higher under this round's RMs
+        "earlier_rescored": bool(earlier and cfg.rescore_earlier),
+        "k_per_temperature": cfg.k,
         "train_loss": train_metrics["train_loss"],
         "tokens_per_s": train_metrics["tokens_per_s"],
         "resumed_from_step": train_metrics["resumed_from_step"],

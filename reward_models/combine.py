@@ -1,6 +1,10 @@
 """The combined reward of Llama 2 sec. 3.2.3, as small pure functions.
 
     R_c = R_s if is_safety(p) or R_s < 0.15 else R_h;      R~_c = WHITEN(LOGIT(R_c))
+
+LOGIT(R_c) is the gated reward model's raw scalar output: `combined_reward_from_logits` gates and whitens
+the raw logits directly (what the scorer uses), avoiding a sigmoid -> logit round trip that clamps at
+about +-13.8 in float32. `combined_reward` (from probabilities) is kept for callers that only have R_s, R_h.
 """
 from __future__ import annotations
 
@@ -36,6 +40,23 @@ def gate_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torc
     (sigmoid of the RM scores); is_safety: (B,) bool -> (B,)."""
     use_safety = is_safety.bool() | (r_safety < threshold)
     return torch.where(use_safety, r_safety, r_helpful)
+
+
+def gate_logits(z_safety: torch.Tensor, z_helpful: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
+    """LOGIT(R_c) from the raw RM outputs: z_s where the prompt is a safety prompt or sigmoid(z_s) < threshold,
+    else z_h. Same gate as `gate_reward`, no clamping. (B,) -> (B,)."""
+    use_safety = is_safety.bool() | (torch.sigmoid(z_safety) < threshold)
+    return torch.where(use_safety, z_safety, z_helpful)
+
+
+def combined_reward_from_logits(z_safety: torch.Tensor, z_helpful: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15,
+                                whiten_output: bool = True) -> torch.Tensor:
+    """R~_c = WHITEN(LOGIT(R_c)) computed on the raw RM logits (no sigmoid -> logit round trip). (B,) -> (B,).
+    A batch of one, or whiten_output=False, returns the gated logit."""
+    z = gate_logits(z_safety.float(), z_helpful.float(), is_safety, threshold)
+    if not whiten_output or z.numel() < 2:
+        return z
+    return whiten(z)
 
 
 def combined_reward(r_safety: torch.Tensor, r_helpful: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15,

@@ -2,7 +2,8 @@
 
     R_c = R_s  if is_safety(prompt) or R_s < 0.15  else R_h,      R~_c = WHITEN(LOGIT(R_c))
 
-R_s and R_h are probabilities: the sigmoid of each model's scalar output.
+R_s and R_h are probabilities: the sigmoid of each model's scalar output. LOGIT(R_c) is the gated model's
+raw output itself (combine.combined_reward_from_logits): no sigmoid -> logit round trip, no clamping.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .combine import combined_reward, gate_reward
+from .combine import combined_reward_from_logits, gate_logits, gate_reward
 from .model import load_reward_model, score
 
 
@@ -21,7 +22,8 @@ class Scores:
     r_helpful: torch.Tensor  # (N,) probability
     r_safety: torch.Tensor  # (N,) probability
     gated: torch.Tensor  # (N,) probability after the safety gate
-    combined: torch.Tensor  # (N,) whitened logit of the gated probability
+    combined: torch.Tensor  # (N,) whitened raw logit of the gated model (unwhitened with whiten=False)
+    gated_logit: torch.Tensor | None = None  # (N,) raw logit of the gated model (LOGIT(R_c), unclamped)
 
     def rows(self) -> list[dict]:
         return [{"r_helpful": float(h), "r_safety": float(s), "gated": float(g), "reward": float(c)}
@@ -43,8 +45,10 @@ class RewardScorer:
         return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len)
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True) -> Scores:
-        rh = torch.sigmoid(score(self.helpful, self.tok_h, prompts, responses, self.max_length, self.device))
-        rs = torch.sigmoid(score(self.safety, self.tok_s, prompts, responses, self.max_length, self.device))
+        zh = score(self.helpful, self.tok_h, prompts, responses, self.max_length, self.device).float()
+        zs = score(self.safety, self.tok_s, prompts, responses, self.max_length, self.device).float()
+        rh, rs = torch.sigmoid(zh), torch.sigmoid(zs)
         flags = torch.tensor(list(is_safety), dtype=torch.bool)
         return Scores(rh, rs, gate_reward(rs, rh, flags, self.threshold),
-                      combined_reward(rs, rh, flags, self.threshold, whiten_output=whiten))
+                      combined_reward_from_logits(zs, zh, flags, self.threshold, whiten_output=whiten),
+                      gate_logits(zs, zh, flags, self.threshold))

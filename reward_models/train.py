@@ -89,7 +89,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = max(cfg.min_warmup_steps if total > cfg.min_warmup_steps * 2 else 0, int(cfg.warmup_ratio * total))
-    opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, warmup, cfg.min_lr_ratio))
     g = torch.Generator().manual_seed(ctx.seed)
     order: list[int] = []

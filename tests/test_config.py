@@ -27,7 +27,12 @@ def test_llama2_preset_carries_paper_numbers():
     assert cfg.sft.seq_len == 4096
     assert cfg.reward_model_helpful.learning_rate == 1e-5 and cfg.reward_model_helpful.batch_size == 512
     assert cfg.reward_model_safety.helpful_share == 0.1
-    assert (cfg.ppo.learning_rate, cfg.ppo.adam_beta2, cfg.ppo.adam_eps, cfg.ppo.clip, cfg.ppo.beta) == (1e-6, 0.95, 1e-5, 0.2, 0.01)
+    assert (cfg.ppo.adam_beta2, cfg.ppo.adam_eps, cfg.ppo.clip, cfg.ppo.beta) == (0.95, 1e-5, 0.2, 0.01)
+    # the paper's 1e-6 is a full fine-tuning lr; the preset's PPO uses LoRA, so it must use a LoRA-sized lr (issue 12.7)
+    assert cfg.ppo.lora.enabled and cfg.ppo.learning_rate == 1e-5
+    # RM optimiser: the base model's AdamW settings (sec. 3.2.2), not torch's (0.9, 0.999, 1e-8)
+    for rm in (cfg.reward_model_helpful, cfg.reward_model_safety):
+        assert (rm.adam_beta1, rm.adam_beta2, rm.adam_eps) == (0.9, 0.95, 1e-5)
     assert (cfg.ppo.batch_size, cfg.ppo.mini_batch_size) == (512, 64)
     text = (Path(__file__).parent.parent / "configs" / "llama2-7b.yaml").read_text()
     numbered = [l for l in text.splitlines() if ":" in l and any(c.isdigit() for c in l.split(":", 1)[1].split("#")[0])

@@ -118,3 +118,23 @@ def test_combined_reward_is_whitened_logit_of_the_gate():
 def test_combined_reward_of_one_row_is_its_logit():
     # a batch of one has no spread to whiten by: log(0.8 / 0.2) = log 4
     assert close(combined_reward(t(0.9), t(0.8), torch.tensor([False])), t(1.3862944))
+
+
+def test_combined_reward_uses_raw_logits_without_clamping():
+    """Issue 12.7: LOGIT(R_c) is the RM's raw output; the sigmoid -> logit round trip clamped at +-13.8
+    (float32) and made large rewards equal."""
+    from reward_models.combine import combined_reward, combined_reward_from_logits, gate_logits
+
+    zs = torch.tensor([5.0, 5.0, -3.0, 5.0])
+    zh = torch.tensor([20.0, 30.0, 40.0, -25.0])
+    flags = torch.tensor([False, False, False, True])
+    g = gate_logits(zs, zh, flags, 0.15)
+    assert g.tolist() == [20.0, 30.0, -3.0, 5.0]  # safe enough -> R_h; sigmoid(-3) < 0.15 -> R_s; safety prompt -> R_s
+    raw = combined_reward_from_logits(zs, zh, flags, 0.15, whiten_output=False)
+    assert raw[1] > raw[0]  # 30 beats 20: the round trip clamped both to ~13.8
+    old = combined_reward(torch.sigmoid(zs), torch.sigmoid(zh), flags, 0.15, whiten_output=False)
+    assert old[0] == old[1]
+    w = combined_reward_from_logits(zs, zh, flags, 0.15)
+    assert abs(float(w.mean())) < 1e-5 and abs(float(w.std(unbiased=False)) - 1) < 1e-3
+    small = torch.tensor([0.3, -1.2]), torch.tensor([1.0, 0.5]), torch.tensor([False, False])
+    assert torch.allclose(combined_reward_from_logits(*small), combined_reward(torch.sigmoid(small[0]), torch.sigmoid(small[1]), small[2]), atol=1e-4)

@@ -187,3 +187,50 @@ def test_gatt_filter_defaults_to_none_and_never_uses_the_grader(monkeypatch):
 
 def _ends_with_done(instructions, reply):
     return reply.rstrip(".").endswith("Done")
+
+
+def test_ppo_logprobs_are_taken_at_the_rollout_temperature(tok):
+    """Issue 12.7: with rollouts sampled at T != 1 the PPO log-probs are those of softmax(logits / T)."""
+    from policies.ppo import forward_policy
+
+    policy = tiny_llama(tok).eval()
+    batch = _ppo_batch(tok)
+    with torch.no_grad():
+        lp1 = forward_policy(policy, None, None, batch, with_values=False)[0]
+        lp2 = forward_policy(policy, None, None, batch, with_values=False, temperature=2.0)[0]
+        logits = policy.lm_head(policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state)
+        idx = batch["response_index"].unsqueeze(-1).expand(-1, -1, logits.size(-1))
+        want = torch.log_softmax(logits.gather(1, idx).float() / 2.0, -1).gather(-1, batch["response_ids"].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(lp2, want, atol=1e-5) and not torch.allclose(lp1, lp2)
+
+
+def test_truncated_rollouts_are_penalised_not_scored_as_finished():
+    """Issue 12.7: a rollout with no end of turn within max_new_tokens loses missing_eos_penalty."""
+    from policies.ppo import EarlyStop, finished, held_out_split, penalise_truncated
+
+    done = finished([[5, 6, 2], [5, 6, 7], [], [2]], stops=(2,))
+    assert done.tolist() == [True, False, False, True]
+    assert penalise_truncated(torch.tensor([0.5, 0.5, 0.0, -1.0]), done, 1.0).tolist() == [0.5, -0.5, -1.0, -1.0]
+    assert penalise_truncated(torch.tensor([0.5, 0.5]), done[:2], 0.0).tolist() == [0.5, 0.5]
+    es = EarlyStop(2)
+    assert es.update(0.1, 1) == (True, False) and es.update(0.05, 2) == (False, False) and es.update(0.2, 3) == (True, False)
+    assert es.update(0.2, 4) == (False, False) and es.update(0.1, 5) == (False, True) and es.best_step == 3
+    assert held_out_split(list(range(10)), 3, True) == (list(range(7)), [7, 8, 9])
+    assert held_out_split(list(range(10)), 3, False) == (list(range(10)), [])
+
+
+def test_rejection_sampling_keeps_the_best_of_all_rounds_by_the_current_rms():
+    """Issue 12.7: earlier rounds' best samples are re-scored by this round's RMs; per prompt the best of
+    all iterations is kept (not every earlier sample as it was scored then)."""
+    from policies.rejection_sampling import best_of_all_rounds
+
+    cur = [{"prompt_id": "a", "response": "a3", "reward_raw": 1.0, "round": 3},
+           {"prompt_id": "b", "response": "b3", "reward_raw": 2.0, "round": 3}]
+    old = [{"prompt_id": "a", "response": "a1", "reward": 9.0, "round": 1},  # stale high score from round 1's RMs
+           {"prompt_id": "a", "response": "a2", "reward": 0.0, "round": 2},
+           {"prompt_id": "b", "response": "b1", "reward": 0.0, "round": 1},
+           {"prompt_id": "c", "response": "c1", "reward": 0.0, "round": 1},
+           {"prompt_id": "c", "response": "c2", "reward": 0.0, "round": 2}]
+    out = sorted(best_of_all_rounds(cur, old, [0.5, 1.5, 2.0, -1.0, -0.5]), key=lambda s: s["prompt_id"])
+    assert [(s["prompt_id"], s["response"]) for s in out] == [("a", "a2"), ("b", "b3"), ("c", "c2")]  # b: tie keeps this round
+    assert [s["reward_current_rms"] for s in out] == [1.5, 2.0, -0.5]

@@ -197,3 +197,44 @@ def test_stages_are_deterministic_under_a_seed(run, tmp_path):
         a = Runner(tiny(run_dir), echo=None, show_progress=False).run_stage("sft", 0).artifact
         digests.append(a.manifest["files"]["model.safetensors"]["sha256"])
     assert digests[0] == digests[1] == arts[("sft", 0)].manifest["files"]["model.safetensors"]["sha256"]
+
+
+def _copy_artifacts(run, dest):
+    import shutil
+
+    cfg, _ = run
+    shutil.copytree(Path(cfg.run_dir) / "artifacts", Path(dest) / "artifacts")
+    return dest
+
+
+def test_ppo_non_finite_loss_fails_the_stage(run, tmp_path, monkeypatch):
+    """Issue 12.7: a non-finite PPO loss fails the stage (it used to break only the mini-batch loop)."""
+    import policies.ppo as ppo
+    from pipeline.errors import StageFailed
+
+    real = ppo.ppo_clip_loss
+
+    def nan_loss(*a, **k):
+        pl, cf, ak = real(*a, **k)
+        return pl * float("nan"), cf, ak
+
+    monkeypatch.setattr(ppo, "ppo_clip_loss", nan_loss)
+    run_dir = _copy_artifacts(run, tmp_path / "run")
+    with pytest.raises(StageFailed, match="non-finite loss"):
+        Runner(tiny(run_dir), echo=None, show_progress=False).run_stage("ppo", 1, force=True)
+
+
+def test_ppo_early_stop_on_held_out_reward(run, tmp_path):
+    """Issue 12.7 (sec. 3.2.3): the held-out reward is measured every N iterations on prompts held out of
+    PPO training; the stage keeps the best and says why it stopped."""
+    run_dir = _copy_artifacts(run, tmp_path / "run")
+    a = Runner(tiny(run_dir, "ppo.steps=4", "ppo.early_stop_patience=1", "ppo.early_stop_every=1", "ppo.early_stop_prompts=4"),
+               echo=None, show_progress=False).run_stage("ppo", 1).artifact
+    held = [h["held_out_reward"] for h in read_jsonl(a.file("metrics.jsonl")) if "held_out_reward" in h]
+    m = a.metrics
+    assert held and m["best_held_out_reward"] == pytest.approx(max(held))
+    if m["stop_reason"].startswith("early stop"):
+        assert len(held) >= 2 and held[-1] <= max(held[:-1]) and m["steps_done"] == len(held)
+    else:
+        assert len(held) == 4
+    assert m["kept_step"] == 1 + held.index(max(held))
