@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +49,36 @@ GROUPS: dict[str, list[str]] = {
     "registry": ["pipeline.registry.*"],
 }
 
+# the fast test files that exercise each module (used by --recheck)
+TESTS_FOR: dict[str, list[str]] = {
+    "policies.ppo_math": ["tests/test_ppo_math.py", "tests/test_wiring.py"],
+    "policies.eval_stats": ["tests/test_eval_stats.py", "tests/test_eval_stats_units.py"],
+    "reward_models": ["tests/test_losses.py", "tests/test_wiring.py"],
+    "policies": ["tests/test_wiring.py"],
+    "pipeline.registry": ["tests/test_registry_units.py"],
+}
+
 # surviving mutants judged equivalent (the behaviour cannot change), with the reason
-EQUIVALENT: dict[str, str] = {}
+_NAN = "float('NAN') is float('nan'): the same NaN"
+_DTYPE = ("np.asarray(values) without dtype=float: per-prompt values are floats or bools/ints, whose means "
+          "(the only arithmetic on them here) are the same floats")
+EQUIVALENT: dict[str, str] = {
+    "policies.eval_stats.x_bootstrap_ci__mutmut_11": _NAN,
+    "policies.eval_stats.x_bootstrap_ci__mutmut_14": _NAN,
+    "policies.eval_stats.x_paired_bootstrap_diff__mutmut_17": _NAN,
+    "policies.eval_stats.x_paired_bootstrap_diff__mutmut_20": _NAN,
+    "policies.eval_stats.x_paired_bootstrap_diff__mutmut_23": _NAN,
+    "policies.eval_stats.x_bootstrap_ci__mutmut_4": _DTYPE,
+    "policies.eval_stats.x_bootstrap_ci__mutmut_6": _DTYPE,
+    **{f"policies.eval_stats.x_paired_bootstrap_diff__mutmut_{i}": (
+        "np.asarray without dtype=float on ONE of a, b: the other is float, so a[idx].mean(1) - b[idx].mean(1) "
+        "and stat(a) - stat(b) give the same floats") for i in (4, 6, 8, 10)},
+    "policies.eval_stats.x__resample_indices__mutmut_4": "rng.integers(m, size) is rng.integers(0, m, size): low defaults to 0, same draws",
+    "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
+                                                      "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
+}
+
+RECHECK = ROOT / "mutants" / "recheck.json"
 
 KILLED = {"killed", "timeout", "caught by type check"}
 
@@ -61,8 +91,32 @@ def run_groups(names: list[str], max_children: int) -> int:
 
 
 def results() -> dict[str, str]:
+    """mutmut's verdict per mutant, with survivors that --recheck found killed by newer tests marked killed."""
     out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True).stdout
-    return dict(m.groups() for m in re.finditer(r"^\s*(\S+): (.+)$", out, re.M))
+    res = dict(m.groups() for m in re.finditer(r"^\s*(\S+): (.+)$", out, re.M))
+    if RECHECK.is_file():
+        for name, verdict in json.loads(RECHECK.read_text()).items():
+            if res.get(name) == "survived" and verdict == "killed":
+                res[name] = "killed"
+    return res
+
+
+def recheck(groups: list[str]) -> None:
+    """Run each surviving mutant of `groups` against the CURRENT tests (copied into mutants/tests), the way
+    mutmut's workers do (MUTANT_UNDER_TEST), without invalidating mutmut's cache; verdicts go to
+    mutants/recheck.json and count in the table. For tests added after a mutmut run."""
+    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)
+    done = json.loads(RECHECK.read_text()) if RECHECK.is_file() else {}
+    for name in survivors(groups):
+        module = name.split(".x_")[0].split(".xǁ")[0]
+        files = next(v for k, v in TESTS_FOR.items() if module == k or module.startswith(k + "."))
+        env = {**os.environ, "MUTANT_UNDER_TEST": name}
+        rc = subprocess.call(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                              "-p", "tests.mutation_plugin", *files], cwd=ROOT / "mutants", env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done[name] = "killed" if rc == 1 else "survived" if rc == 0 else f"error {rc}"
+        print(f"{done[name]:9} {name}", flush=True)
+        RECHECK.write_text(json.dumps(done, indent=1))
 
 
 def table(groups: list[str]) -> str:
@@ -98,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table from mutants/")
     ap.add_argument("--survivors", action="store_true", help="list surviving, non-equivalent mutants (mutmut show NAME)")
     ap.add_argument("--list", action="store_true", help="print the groups and their globs")
+    ap.add_argument("--recheck", action="store_true", help="rerun the survivors against the current tests (after adding tests)")
     ap.add_argument("--max-children", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     groups = args.groups or list(GROUPS)
@@ -108,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         for g in groups:
             print(g, " ".join(GROUPS[g]))
         return 0
-    if not (args.report or args.survivors):
+    if args.recheck:
+        recheck(groups)
+    elif not (args.report or args.survivors):
         run_groups(groups, args.max_children)
     if args.survivors:
         print("\n".join(survivors(groups)))

@@ -67,6 +67,10 @@ def test_compare_to_baselines_with_a_missing_baseline_and_missing_gold():
     assert rise == {"vs_previous": pytest.approx(4 / 3)}
     assert set(deltas) == {"vs_previous"} and set(deltas["vs_previous"]) == {"gold_helpfulness"}
     assert deltas["vs_previous"]["gold_helpfulness"] == paired_bootstrap_diff([1, 0, 1], [0, 0, 1], n=20, seed=5)
+    varied = {"gold_helpfulness": {"policy": VALUES, "previous": VALUES[::-1]}}
+    r2 = {"policy": VALUES, "previous": VALUES[::-1]}
+    assert compare_to_baselines(r2, varied, n=50, seed=5)[1]["vs_previous"]["gold_helpfulness"] == \
+        paired_bootstrap_diff(VALUES, VALUES[::-1], n=50, seed=5)
     assert compare_to_baselines(reward, gold, n=20) == compare_to_baselines(reward, gold, n=20, seed=0)
     gold2 = {"gold_helpfulness": {"policy": [1, 0, 1], "previous": [0, 0, 1]}}
     assert compare_to_baselines(reward, gold2)[1]["vs_previous"]["gold_helpfulness"] == paired_bootstrap_diff([1, 0, 1], [0, 0, 1])
