@@ -41,6 +41,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over an exec from
+    the forking parent, so a child of a large process (pytest) would report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(h: int, layers: int, vocab: int, b: int, s: int, mode: str) -> int:
     """Peak resident bytes above the baseline of two training steps (or one generation) in this process."""
     import torch
@@ -74,7 +84,7 @@ def measure(h: int, layers: int, vocab: int, b: int, s: int, mode: str) -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _peak_rss() - base
 
 
 def estimate(h: int, layers: int, vocab: int, b: int, s: int, mode: str) -> int:
