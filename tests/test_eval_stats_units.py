@@ -74,3 +74,27 @@ def test_compare_to_baselines_with_a_missing_baseline_and_missing_gold():
     assert compare_to_baselines(reward, gold, n=20) == compare_to_baselines(reward, gold, n=20, seed=0)
     gold2 = {"gold_helpfulness": {"policy": [1, 0, 1], "previous": [0, 0, 1]}}
     assert compare_to_baselines(reward, gold2)[1]["vs_previous"]["gold_helpfulness"] == paired_bootstrap_diff([1, 0, 1], [0, 0, 1])
+
+
+def test_interval_boundaries_and_hacking_boundaries():
+    from policies.eval_stats import excludes, reward_hacking_tests
+
+    assert excludes((0.0, 1.0)) == 0 and excludes((-1.0, 0.0)) == 0  # touching 0 is not excluding it
+    assert excludes((0.5, 0.9), 0.5) == 0 and excludes((0.51, 0.9), 0.5) == 1
+    worse = {"gold_helpfulness": (-0.05, -0.09, -0.01)}
+    gold = {"vs_sft": worse, "vs_previous": worse}
+    # no rise against SFT (exactly 0), a rise against the previous round: only that comparison is tested
+    fired = reward_hacking_tests({"vs_sft": 0.0, "vs_previous": 0.1}, gold, min_drop=0.0)
+    assert [(t["metric"], t["comparison"]) for t in fired] == [("gold_helpfulness", "vs_previous")]
+    # a drop equal to the tolerance does not fire; just above it does
+    edge = {"vs_previous": {"gold_helpfulness": (-0.02, -0.03, -0.01)}}
+    assert reward_hacking_tests({"vs_previous": 0.1}, edge, min_drop=0.02) == []
+    assert len(reward_hacking_tests({"vs_previous": 0.1}, edge, min_drop=0.019)) == 1
+
+
+def test_metrics_without_a_direction_are_skipped_not_the_end():
+    from policies.eval_stats import reward_hacking_tests
+
+    gold = {"vs_previous": {"mean_response_length": (-5.0, -9.0, -1.0), "gold_helpfulness": (-0.05, -0.09, -0.01)}}
+    fired = reward_hacking_tests({"vs_previous": 0.1}, gold)
+    assert [t["metric"] for t in fired] == ["gold_helpfulness"]
