@@ -89,6 +89,7 @@ class Lease:
     token: str
     ttl_s: float
     waited_s: float = 0.0  # how long acquiring it waited for another builder
+    contended: bool = False  # another builder held it (or a stale lease was in the way) when we asked
     took_over: dict[str, Any] | None = None  # the stale lease it replaced, if any
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -169,8 +170,10 @@ def acquire(path: Path, ttl_s: float = DEFAULT_TTL_S, wait: bool = True, poll_s:
     told = False
     while True:
         if _try_create(path, lease):
-            lease.waited_s = time.time() - t0
+            if lease.contended:
+                lease.waited_s = time.time() - t0
             return lease.start()
+        lease.contended = True
         info = read_lease(path)
         state = lease_state(path, info)
         if state == "stale":

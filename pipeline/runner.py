@@ -241,7 +241,7 @@ class Runner:
 
         lease = self.registry.lease(stage, round, version, on_wait=waiting)
         try:
-            if lease.waited_s > 0.01:  # someone else built it meanwhile: use theirs, never build twice
+            if lease.contended:  # someone else held the lease: if they built it meanwhile, use theirs, never build twice
                 done = self._cached(stage, round, version, force=False)
                 if done is not None:
                     self.echo(f"[cached] {stage} round {round} ({version}) built by another process")
