@@ -134,12 +134,11 @@ def test_missing_path_without_suffix_is_not_tried_on_the_hub(tmp_path, monkeypat
     for path in ("data/mysft", "./mysft", "mysft", "data/sub/mysft", str(tmp_path / "mysft")):
         _, issues = load_records(path, "sft", strict=False)
         assert len(issues) == 1 and issues[0].line == 0 and issues[0].reason.startswith("file not found"), (path, issues)
-    t0 = time.time()
     run = tmp_path / "run"
     res = cli.invoke(app, ["stage", "data", "--config", "tiny", "--run-dir", str(run), "--set", "tracking.mode=disabled",
                            *[a for s in [*_ok_sources(), "data.sft.path=data/mysft"] for a in ("--set", s)]])
     assert res.exit_code == 1 and "data/mysft:0: -: file not found" in res.output, res.output
-    assert time.time() - t0 < 10 and not run.exists()
+    assert not run.exists()  # no_hub above fails the test if the hub were asked
 
 
 # ---------------------------------------------------------------------------------------- orchestration (item 7)
