@@ -77,6 +77,8 @@ EQUIVALENT: dict[str, str] = {
         "np.asarray without dtype=float on ONE of a, b: the other is float, so a[idx].mean(1) - b[idx].mean(1) "
         "and stat(a) - stat(b) give the same floats") for i in (4, 6, 8, 10)},
     "policies.eval_stats.x__resample_indices__mutmut_4": "rng.integers(m, size) is rng.integers(0, m, size): low defaults to 0, same draws",
+    "policies.ghost_attention.x_synthesis_context__mutmut_11": ("system_message(short=None) instead of short=False: "
+                                                                 "`... if short else ...` treats None like False"),
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }

@@ -540,6 +540,7 @@ def test_gatt_combines_instructions_from_distinct_categories_and_late_turns():
     assert late([0.0, 0.1, 0.2, 0.3, 0.5, 0.7]) == pytest.approx(0.6)
     assert late([0.0, 0.2, 0.4, 0.6]) == pytest.approx(0.5)
     assert late([0.0, 0.1, 0.2], from_turn=2) == pytest.approx(0.15)
+    assert late([0.0, 0.0, 0.0, 0.0, 1.0]) == 1.0  # exactly from_turn turns: the tail is the last one alone
     assert late([]) == 0
 
 
