@@ -24,6 +24,8 @@ best policy (sec. 3.2.3: "evaluations on held-out prompts for early stopping").
 """
 from __future__ import annotations
 
+import json
+
 import copy
 import time
 import torch
@@ -235,7 +237,8 @@ def run(ctx: StageContext) -> dict:
                         critic=critic.state_dict() if critic else None)
         good["step"] = step
 
-    stop_reason, history = "completed", []
+    # the steps done before a resume are in the (cut back) metrics history: the summary covers every step
+    stop_reason, history = "completed", _earlier_steps(ctx.work_dir / "metrics.jsonl")
     bar = ctx.progress(cfg.steps, "PPO", unit="iter")
     bar.update(start)
     for step in range(start, cfg.steps):
@@ -319,7 +322,7 @@ def run(ctx: StageContext) -> dict:
     bar.close()
 
     best_state = load_checkpoint(best_ckpt, required=("policy", "head", "step")) if early_prompts else None
-    if best_state is not None and (stop_reason != "completed" or early.best_step != len(history) + resumed):
+    if best_state is not None and (stop_reason != "completed" or early.best_step != len(history)):
         policy.load_state_dict(best_state["policy"]); head.load_state_dict(best_state["head"])  # keep the best held-out policy
         good["step"] = best_state["step"]
         stop_reason = stop_reason if stop_reason != "completed" else "completed (kept the best held-out step)"
@@ -336,8 +339,8 @@ def run(ctx: StageContext) -> dict:
     first, last = history[0] if history else {}, history[-1] if history else {}
     summary = {
         "stop_reason": stop_reason,
-        "steps_done": len(history) + resumed,
-        "kept_step": good["step"] if stop_reason != "completed" else len(history) + resumed,
+        "steps_done": len(history),
+        "kept_step": good["step"] if stop_reason != "completed" else len(history),
         "best_held_out_reward": early.best if early_prompts and early.best_step is not None else None,
         "truncated_frac": last.get("truncated_frac"),
         "resumed_from_step": resumed,
@@ -352,9 +355,17 @@ def run(ctx: StageContext) -> dict:
         summary["gold_helpfulness"] = last.get("gold_helpfulness")
     write_json(ctx.out_dir / "ppo_summary.json", summary)
     if stop_reason != "completed":
-        ctx.log({"stopped": stop_reason}, step=len(history) + resumed)
+        ctx.log({"stopped": stop_reason}, step=len(history))
     _plot(ctx, history)
     return summary
+
+
+def _earlier_steps(path) -> list[dict]:
+    """The per-step rows logged before a resume (metrics.jsonl is cut back to the checkpoint's step)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "policy_loss" in r and "reward" in r]
 
 
 def guard(row: dict, cfg) -> str:

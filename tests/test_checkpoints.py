@@ -277,6 +277,11 @@ def test_stage_resume_logs_each_step_once(stage_inputs, monkeypatch, stage, extr
         from policies.ppo import load_value_head
 
         assert res.artifact.metrics["stop_reason"] == "completed"
+        # the summary covers every step, those before the resume too (it read None when only the last ran)
+        m = res.artifact.metrics
+        assert m["steps_done"] == total and m["reward_first"] is not None and m["reward"] is not None
+        first = read_jsonl(res.artifact.file("metrics.jsonl"))[0]
+        assert m["reward_first"] == first["reward"]
         assert not res.artifact.file("value_head.pt").exists()
         assert "value_head.safetensors" in res.artifact.manifest["files"]
         assert load_value_head(res.artifact.path).v.weight.shape == (1, 32)
