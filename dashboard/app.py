@@ -143,8 +143,10 @@ def render_overview() -> None:
         what = f"Round {r['round']}: **{r['stage']}**"
         if r["status"] == "running":
             since = f" for {D.fmt_duration(time.time() - r['started_at'])}" if isinstance(r["started_at"], (int, float)) else ""
-            stale = " — its process is gone, the run may have been killed" if r["stale"] else ""
-            st.info(f"{what} is running{since} (version `{r['version']}`){stale}.")
+            st.info(f"{what} is running{since} (version `{r['version']}`).")
+        elif r["status"] == "interrupted":
+            st.warning(f"{what} was interrupted: {r['error']}. Resume it with "
+                       f"`rlhf stage {r['stage']} --round {r['round']} --run-dir {run_dir}`.")
         else:
             st.error(f"{what} failed: {r['error'] or 'no reason recorded'}. Rerun it with "
                      f"`rlhf stage {r['stage']} --round {r['round']} --run-dir {run_dir}`.")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -171,24 +169,10 @@ def prompt_text(prompt: Any) -> str:
 # ---------------------------------------------------------------------------------------------- overview
 
 
-def _pid_alive(att: dict) -> bool | None:
-    """Whether a running attempt's process still lives; None when it ran on another host."""
-    pid, host = att.get("pid"), att.get("host")
-    if not isinstance(pid, int) or (host and host != socket.gethostname()):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def stage_table(run_dir: str | Path) -> pd.DataFrame:
     """One row per (round, stage) a round has or will have: status complete / running / failed /
     not started / not in round, with version, duration, error and the headline metrics."""
-    cols = ["round", "stage", "status", "version", "duration_s", "started_at", "error", "stale", "metrics", "path"]
+    cols = ["round", "stage", "status", "version", "duration_s", "started_at", "error", "metrics", "path"]
     if run_dir_state(run_dir)[0] != "ok":
         return pd.DataFrame(columns=cols)
     from pipeline.cli import status_rows
@@ -203,10 +187,9 @@ def stage_table(run_dir: str | Path) -> pd.DataFrame:
     for r in rows:
         att = attempts.get((r["stage"], r["round"]), {})
         started = att.get("started_at")
-        stale = r["status"] == "running" and _pid_alive(att) is False
         seen[(r["stage"], int(r["round"]))] = {
             "round": int(r["round"]), "stage": r["stage"], "status": r["status"], "version": r.get("version") or "",
-            "duration_s": r.get("duration_s"), "started_at": started, "error": r.get("error") or "", "stale": stale,
+            "duration_s": r.get("duration_s"), "started_at": started, "error": r.get("error") or "",
             "metrics": r.get("metrics") or {}, "path": r.get("path") or ""}
     if not seen:
         return pd.DataFrame(columns=cols)
@@ -223,7 +206,7 @@ def stage_table(run_dir: str | Path) -> pd.DataFrame:
             if s in OPTIONAL_STAGES and not _optional_expected(s, rd, seen, evaluates):
                 status = "not in round"
             out.append({"round": rd, "stage": s, "status": status, "version": "", "duration_s": None, "started_at": None,
-                        "error": "", "stale": False, "metrics": {}, "path": ""})
+                        "error": "", "metrics": {}, "path": ""})
     # stages outside the known DAG (custom specs) are kept too
     for (s, rd), row in seen.items():
         if s not in ALL_STAGES:
@@ -252,7 +235,7 @@ def stage_label(row: dict | pd.Series) -> str:
     if status == "running":
         since = row.get("started_at")
         extra = f" {fmt_duration(time.time() - since)}" if isinstance(since, (int, float)) else ""
-        return f"running{extra}" + (" (process gone?)" if row.get("stale") else "")
+        return f"running{extra}"  # a dead builder reads "interrupted" (the registry judges liveness by its lease)
     return LABEL.get(status, str(status))
 
 
@@ -313,11 +296,11 @@ def overview(run_dir: str | Path) -> pd.DataFrame:
 
 
 def active(run_dir: str | Path) -> list[dict]:
-    """Running and failed stages (newest round first), for a banner at the top."""
+    """Running, failed and interrupted stages (newest round first), for a banner at the top."""
     table = stage_table(run_dir)
     if table.empty:
         return []
-    hits = table[table["status"].isin(["running", "failed"])].sort_values("round", ascending=False)
+    hits = table[table["status"].isin(["running", "failed", "interrupted"])].sort_values("round", ascending=False)
     return [dict(r) for _, r in hits.iterrows()]
 
 

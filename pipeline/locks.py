@@ -88,7 +88,6 @@ class Lease:
     path: Path
     token: str
     ttl_s: float
-    waited_s: float = 0.0  # how long acquiring it waited for another builder
     contended: bool = False  # another builder held it (or a stale lease was in the way) when we asked
     took_over: dict[str, Any] | None = None  # the stale lease it replaced, if any
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -162,16 +161,13 @@ def _take_over(path: Path, stale: dict[str, Any]) -> bool:
 
 
 def acquire(path: Path, ttl_s: float = DEFAULT_TTL_S, wait: bool = True, poll_s: float = 0.2,
-            on_wait: Callable[[dict[str, Any] | None], None] | None = None, timeout_s: float | None = None) -> Lease | None:
+            on_wait: Callable[[dict[str, Any] | None], None] | None = None) -> Lease | None:
     """Take the lease at `path`, waiting for a live holder unless `wait=False` (then None if held)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lease = Lease(path, secrets.token_hex(8), ttl_s)
-    t0 = time.time()
     told = False
     while True:
         if _try_create(path, lease):
-            if lease.contended:
-                lease.waited_s = time.time() - t0
             return lease.start()
         lease.contended = True
         info = read_lease(path)
@@ -182,7 +178,7 @@ def acquire(path: Path, ttl_s: float = DEFAULT_TTL_S, wait: bool = True, poll_s:
             continue
         if state == "free":
             continue
-        if not wait or (timeout_s is not None and time.time() - t0 > timeout_s):
+        if not wait:
             return None
         if on_wait is not None and not told:
             on_wait(info)

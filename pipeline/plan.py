@@ -23,7 +23,6 @@ training and generation steps of Llama models of 7M-100M parameters): see the RE
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,10 +322,6 @@ def model_shape(cfg: RunConfig) -> Shape:
         raise PlanError(f"cannot read the architecture of pretrained.model={pc.model!r} without downloading it ({e}); "
                         f"known without a download: demo, a local directory or .gguf file, {', '.join(sorted(KNOWN_ARCHITECTURES))}") from e
     return Shape.from_config(config)
-
-
-def fmt_gib(n: float) -> str:
-    return f"{n / GiB:.2f}" if n < 10 * GiB else f"{n / GiB:.0f}" if math.isfinite(n) else "?"
 
 
 __all__ = ["Shape", "StagePlan", "PlanError", "stage_plans", "make_plan", "refusal", "model_shape", "lora_params",

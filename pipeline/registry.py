@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from . import locks
 from .errors import CorruptArtifact
-from .io import read_json, sha256_file, write_json
+from .io import fsync_path, read_json, sha256_file, write_json
 
 MANIFEST = "manifest.json"
 
@@ -65,15 +65,6 @@ class Artifact:
 
     def file(self, name: str) -> Path:
         return self.path / name
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory to disk (directories: so a rename inside them survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_manifest(adir: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from pipeline.chat import IGNORE
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
+from pipeline.io import fsync_path
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -192,7 +194,8 @@ def save_checkpoint(path: Path, **state) -> None:
             except OSError:  # no hard links on this filesystem
                 os.replace(path, prev)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        with contextlib.suppress(OSError):  # a filesystem that cannot sync directories still keeps the file
+            fsync_path(path.parent)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None:
@@ -201,19 +204,6 @@ def save_checkpoint(path: Path, **state) -> None:
         if isinstance(e, Exception):
             raise RuntimeError(f"could not save checkpoint {path}: {type(e).__name__}: {e}") from e
         raise
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _why_unreadable(e: BaseException) -> str:

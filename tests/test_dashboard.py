@@ -96,6 +96,7 @@ def test_running_attempt_of_a_dead_process_is_marked(tmp_path):
     row = table[(table["stage"] == "collect_preferences") & (table["round"] == 1)].iloc[0]
     assert row["status"] == "interrupted"  # the registry reads a dead builder's "running" attempt as interrupted
     assert D.stage_label(row).startswith("interrupted: the builder (pid") and "rerun to resume" in D.stage_label(row)
+    assert ("collect_preferences", 1, "interrupted") in [(a["stage"], a["round"], a["status"]) for a in D.active(run)]  # the banner
 
 
 def test_empty_missing_and_broken_run_dirs(tmp_path):
