@@ -456,3 +456,32 @@ def test_sigkill_at_20_random_moments_loses_nothing(tiny_run, tmp_path):
     n = _assert_equals_uninterrupted(run_dir, ref)
     assert len(set(killed_in)) >= 4, killed_in  # spread across stages
     print(f"fault injection: {kills} kills in {sorted(set(killed_in))} over {passes + 1} pipeline(s); {n} artifacts verified")
+
+
+def test_force_rebuilds_even_when_taking_the_lease_is_slow(tmp_path, monkeypatch):
+    """An uncontended lease that takes long to create (a slow shared disk) is not another builder:
+    --force must rebuild, not return the existing artifact as 'built by another process'."""
+    calls = []
+
+    def stage(ctx):
+        calls.append(1)
+        (ctx.out_dir / "x.txt").write_text("x")
+        return {}
+
+    from pipeline.stages import StageSpec
+
+    specs = {"sft": StageSpec("sft", stage, lambda c, r: {}, rounds="zero")}
+    cfg = tiny(tmp_path / "run")
+    Runner(cfg, specs=specs, echo=None).run_stage("sft", 0)
+    slow_create = locks._try_create
+
+    def slow(path, lease):
+        time.sleep(0.05)
+        return slow_create(path, lease)
+
+    monkeypatch.setattr(locks, "_try_create", slow)
+    res = Runner(cfg, specs=specs, echo=None).run_stage("sft", 0, force=True)
+    assert not res.cached and len(calls) == 2
+    lease = locks.acquire(tmp_path / "l.lease", ttl_s=5)
+    assert not lease.contended
+    lease.release()
