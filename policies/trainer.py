@@ -258,6 +258,24 @@ def load_checkpoint(path: Path, required: Sequence[str] = ("step",)) -> dict | N
 # ---------------------------------------------------------------------------------------- training
 
 
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device: str) -> dict:
+    """The training peak: CUDA's allocator peak since `reset_peak_memory`, or on the CPU the process's
+    peak resident memory (VmHWM, since the process started: data and imports included)."""
+    if device == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated() / 1024 ** 3, "peak_memory_source": "cuda_max_allocated"}
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return {"peak_memory_gib": kib / 1024 ** 2, "peak_memory_source": "process_vmhwm"}
+    except (OSError, StopIteration):
+        return {}
+
+
 @torch.no_grad()
 def evaluate_loss(model, rows: Sequence[PackedRow], micro_batch_size: int, device: str) -> float:
     if not rows:
@@ -278,6 +296,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     """Train `model` in place on packed rows; resumable. Returns summary metrics."""
     device = ctx.device
     model.to(device).train()
+    reset_peak_memory(device)
     if tc.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer (pipeline/plan.py)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     n = len(train_rows)
@@ -336,6 +355,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                             step=step + 1, rng=torch.get_rng_state())
     bar.close()
+    peak = peak_memory_gib(device)
     if tc.gradient_checkpointing:
         model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
     elapsed = time.time() - t0
@@ -349,4 +369,5 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         "tokens_per_s": tokens / max(1e-9, elapsed),
         "train_rows": n,
         "seconds": elapsed,
+        **peak,
     }
