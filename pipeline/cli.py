@@ -16,6 +16,8 @@ from typing import List, Optional
 
 import typer
 
+from .stages import STAGES  # the stage list lives once, there
+
 # Keep Prefect and W&B from reaching out (DEVELOPERS.md); set before either is imported.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -30,6 +32,37 @@ RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: the co
 SetOpt = typer.Option(None, "--set", help="Override a config key, e.g. --set sft.learning_rate=1e-5 (repeatable).")
 InputOpt = typer.Option(None, "--input", help="Build on a specific existing artifact instead of the version the config implies: "
                         "STAGE=VERSION or ROLE=VERSION (a unique prefix is enough; repeatable; recorded in the manifest).")
+
+
+NprocOpt = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun): training stages run data parallel "
+                        "with FSDP2-sharded models; the others run on rank 0 alone. Same artifacts and versions as one process.")
+
+
+def _launch(nproc: int) -> None:
+    """Run this very command again under torchrun with `nproc` local processes, and exit with its code
+    (pipeline/distributed.py). Inside torchrun (WORLD_SIZE set) or with one process, do nothing."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "pipeline.cli", *argv]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _echo(msg: str) -> None:
+    """Print, on rank 0 only when several processes run the command."""
+    from .distributed import world
+
+    if world().is_main:
+        typer.echo(msg)
 
 
 def _pins(inputs: list[str] | None) -> dict[str, str]:
@@ -78,16 +111,18 @@ def run(
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage even if a complete artifact exists."),
     input_: Optional[List[str]] = InputOpt,
+    nproc: int = NprocOpt,
 ) -> None:
     """Run the whole pipeline, stage after stage, skipping what is already complete."""
     from .context import StageFailed
     from .errors import Interrupted
 
+    _launch(nproc)
     cfg = _load(config, set_, run_dir=run_dir, rounds=rounds)
     runner = _runner(cfg, pins=_pins(input_))
     _check_plan(cfg, runner, force)
     t0 = time.time()
-    typer.echo(f"run {cfg.name}: {cfg.rounds} rounds, run dir {cfg.run_dir}")
+    _echo(f"run {cfg.name}: {cfg.rounds} rounds, run dir {cfg.run_dir}")
     try:
         results = runner.run_all(force=force)
     except StageFailed as e:
@@ -95,10 +130,10 @@ def run(
     except Interrupted:
         _interrupted(f"rlhf run --run-dir {cfg.run_dir}")
     built = sum(not r.cached for r in results)
-    typer.echo(run_summary(results))
-    typer.echo(f"finished: {len(results)} stages ({built} built, {len(results) - built} cached) in {time.time() - t0:.1f}s")
+    _echo(run_summary(results))
+    _echo(f"finished: {len(results)} stages ({built} built, {len(results) - built} cached) in {time.time() - t0:.1f}s")
     report_md = newest_report(results)
-    typer.echo(f"report: {report_md}" if report_md else "report: none (no evaluate stage ran; rounds = 0)")
+    _echo(f"report: {report_md}" if report_md else "report: none (no evaluate stage ran; rounds = 0)")
 
 
 def run_summary(results) -> str:
@@ -126,8 +161,7 @@ def newest_report(results) -> Path | None:
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="Stage name: data, pretrained, sft, collect_preferences, reward_model_helpful, "
-                               "reward_model_safety, rejection_sampling, ppo, ghost_attention, evaluate."),
+    name: str = typer.Argument(..., help="Stage name: " + ", ".join(STAGES) + "."),
     round: int = typer.Option(0, "--round", "-r", help="RLHF round (0 for data, pretrained and sft)."),
     config: str = ConfigOpt,
     run_dir: Optional[str] = RunDirOpt,
@@ -135,6 +169,7 @@ def stage(
     force: bool = typer.Option(False, "--force", help="Recompute even if a complete artifact with this version exists "
                                "(also replaces a corrupt or tampered copy and discards resume checkpoints)."),
     input_: Optional[List[str]] = InputOpt,
+    nproc: int = NprocOpt,
 ) -> None:
     """Run (or rerun) one stage; its inputs are the versions the config implies (or --input), read from the registry."""
     from .context import StageFailed
@@ -143,6 +178,7 @@ def stage(
 
     if name not in STAGES:
         _fail(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    _launch(nproc)
     cfg = _load(config, set_, run_dir=run_dir)
     try:
         res = _runner(cfg, pins=_pins(input_)).run_stage(name, round, force=force)
@@ -150,7 +186,7 @@ def stage(
         _fail(f"error: {e}", 1)
     except Interrupted:
         _interrupted(f"stage {name} round {round}")
-    typer.echo(json.dumps({"stage": name, "round": round, "version": res.artifact.version, "cached": res.cached,
+    _echo(json.dumps({"stage": name, "round": round, "version": res.artifact.version, "cached": res.cached,
                            "path": str(res.artifact.path), "metrics": _headline(res.artifact)}, default=str))
 
 

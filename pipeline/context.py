@@ -28,6 +28,7 @@ class StageContext:
     registry: Registry
     log_fn: Callable[[dict[str, Any], int | None], None] | None = None  # the tracker's log
     show_progress: bool = True
+    is_main: bool = True  # False on the other ranks of a multi-process build: they log and write nothing that lasts
     _t0: float = field(default_factory=time.time)
 
     @property
@@ -42,11 +43,9 @@ class StageContext:
 
     @property
     def device(self) -> str:
-        import torch
+        from .distributed import resolve_device
 
-        if self.config.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.config.device
+        return resolve_device(self.config.device)
 
     def input(self, role: str) -> Artifact:
         if role not in self.inputs:
@@ -58,7 +57,9 @@ class StageContext:
         return sorted((a for r, a in self.inputs.items() if r.startswith(prefix)), key=lambda a: a.round)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Append a metrics row to the stage's history (kept in the artifact) and the tracker."""
+        """Append a metrics row to the stage's history (kept in the artifact) and the tracker (rank 0 only)."""
+        if not self.is_main:
+            return
         row = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with open(self.work_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -71,6 +72,8 @@ class StageContext:
 
         Call it right after loading a checkpoint saved at `step`; rows without a step are kept.
         Returns how many rows were dropped."""
+        if not self.is_main:
+            return 0
         path = self.work_dir / "metrics.jsonl"
         if not path.is_file():
             return 0

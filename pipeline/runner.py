@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from . import distributed
 from .config import RunConfig
 from .context import StageContext, StageFailed
 from .errors import CorruptArtifact, Interrupted
@@ -131,6 +132,11 @@ class Runner:
         self.echo = echo or (lambda s: None)
         self.show_progress = show_progress
         self.pins = dict(pins or {})  # stage name or input role -> version (prefix), e.g. {"sft": "3fa2c1"}
+        # several processes (torchrun): rank 0 alone builds, commits and reports; the others join the builds of
+        # stages whose spec is `distributed` (pipeline/distributed.py) and otherwise wait for rank 0's result
+        self.world = distributed.init(distributed.resolve_device(cfg.device))
+        if not self.world.is_main:
+            self.echo = lambda s: None
         self._expected: dict[tuple[str, int], str] = {}
         roles = {role for stage, r in schedule(cfg, max(cfg.rounds, 1), self.specs) for role in self.specs[stage].inputs(cfg, r)}
         for key in self.pins:
@@ -223,6 +229,49 @@ class Runner:
             return None
 
     def run_stage(self, stage: str, round: int = 0, force: bool = False) -> StageResult:
+        if not self.world.is_main:
+            return self._follow(stage, round)
+        self._joined = False
+        try:
+            result = self._lead(stage, round, force)
+        except BaseException as e:
+            if not self._joined:  # the other ranks wait for word (after a joined build they fail or are stopped by torchrun)
+                distributed.tell(("failed", f"{type(e).__name__}: {e}"))
+            raise
+        distributed.tell(("done", result.artifact.version, result.cached))
+        return result
+
+    def _follow(self, stage: str, round: int) -> StageResult:
+        """A rank other than 0: join rank 0's build of a distributed stage, with a scratch output folder
+        (rank 0's is the artifact), then take the artifact rank 0 committed."""
+        import tempfile
+
+        t0 = time.time()
+        spec = self._check_round(stage, round)
+        while True:
+            msg = distributed.hear()
+            if msg[0] == "failed":
+                raise StageFailed(f"stage {stage} round {round} failed on rank 0: {msg[1]}")
+            if msg[0] == "done":
+                art = self.registry.find(stage, round, msg[1])
+                if art is None:
+                    raise StageFailed(f"rank 0 built {stage} round {round} ({msg[1]}) but this rank cannot see it in "
+                                      f"{self.registry.run_dir}: the run directory must be shared by every process")
+                return StageResult(art, msg[2], time.time() - t0)
+            _, version, work = msg  # "build"
+            inputs = self.resolve_inputs(stage, round)
+            scratch = Path(tempfile.mkdtemp(prefix=f"rlhf-{stage}-r{round}-rank{self.world.rank}-"))
+            ctx = StageContext(stage, round, version, self.cfg, inputs, scratch, Path(work), self.registry, log_fn=None,
+                               show_progress=False, is_main=False)
+            try:
+                with _sigterm_interrupts():
+                    _quiet_libraries()
+                    _seed_everything(ctx.seed, self.cfg.threads)
+                    _entry(spec)(ctx)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _lead(self, stage: str, round: int, force: bool) -> StageResult:
         t0 = time.time()
         spec = self._check_round(stage, round)
         inputs = self.resolve_inputs(stage, round)
@@ -271,6 +320,9 @@ class Runner:
                 fn = _entry(spec)
                 _quiet_libraries()
                 _seed_everything(ctx.seed, self.cfg.threads)
+                if spec.distributed and self.world.distributed:
+                    distributed.tell(("build", version, str(work)))
+                    self._joined = True
                 metrics = fn(ctx) or {}
                 if (work / "metrics.jsonl").exists():
                     shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
@@ -289,6 +341,7 @@ class Runner:
                     "finished_at": finished,
                     "duration_s": builtins.round(finished - started, 3),
                     "artifact_type": spec.artifact_type,
+                    "world_size": self.world.size if spec.distributed else 1,
                 }
                 artifact = self.registry.commit(build, manifest)
         except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise

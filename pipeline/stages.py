@@ -27,10 +27,13 @@ class StageSpec:
     # "module:function" or callable(cfg, round): validates user inputs (files, config) before any work
     # is done or anything is written; raises StageFailed naming the file, line and field.
     check: str | Callable[[RunConfig, int], None] | None = None
+    # True: in several processes every rank runs it (its trainer shards the model, pipeline/distributed.py);
+    # False: rank 0 runs it alone while the others wait
+    distributed: bool = False
 
 
 # Modules every model stage depends on (chat formatting, model loading, training loop).
-COMMON = ("pipeline.chat", "pipeline.models", "pipeline.context")
+COMMON = ("pipeline.chat", "pipeline.models", "pipeline.context", "pipeline.distributed")
 
 
 def _data(cfg: RunConfig, r: int) -> InputRefs:
@@ -133,7 +136,7 @@ STAGES: dict[str, StageSpec] = {
                   ("params_M", "loss"), "zero", "Resolve, load and register the base checkpoint (or pretrain the tiny demo Llama)."),
         StageSpec("sft", "policies.sft:run", lambda c, r: {"data": ("data", 0), "base": ("pretrained", 0)},
                   ("policies.sft", "policies.trainer", *COMMON), "model",
-                  ("eval_loss", "gold_helpfulness", "tokens_per_s"), "zero", "Supervised fine-tuning, loss on answer tokens only."),
+                  ("eval_loss", "gold_helpfulness", "tokens_per_s"), "zero", "Supervised fine-tuning, loss on answer tokens only.", distributed=True),
         StageSpec("collect_preferences", "policies.collect_preferences:run",
                   lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1), "pretrained": ("pretrained", 0)},
                   ("policies.collect_preferences", "policies.generation", *COMMON), "dataset",
@@ -141,19 +144,19 @@ STAGES: dict[str, StageSpec] = {
                   check="policies.collect_preferences:check"),
         StageSpec("reward_model_helpful", "reward_models.train:run_helpful", _rm_inputs("reward_model_helpful"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
-                  "Helpfulness reward model, margin ranking loss."),
+                  "Helpfulness reward model, margin ranking loss.", distributed=True),
         StageSpec("reward_model_safety", "reward_models.train:run_safety", _rm_inputs("reward_model_safety"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
-                  "Safety reward model, margin ranking loss."),
+                  "Safety reward model, margin ranking loss.", distributed=True),
         StageSpec("rejection_sampling", "policies.rejection_sampling:run", _rs_inputs,
                   ("policies.rejection_sampling", "policies.trainer", "policies.generation", "reward_models", *COMMON), "model",
-                  ("best_reward", "median_reward", "gold_helpfulness_selected"), "rlhf", "Best-of-K by the combined reward, then fine-tune."),
+                  ("best_reward", "median_reward", "gold_helpfulness_selected"), "rlhf", "Best-of-K by the combined reward, then fine-tune.", distributed=True),
         StageSpec("ppo", "policies.ppo:run", _ppo_inputs,
                   ("policies.ppo", "policies.ppo_math", "policies.generation", "reward_models", *COMMON), "model",
                   ("reward", "kl", "stop_reason"), "rlhf", "PPO with the safety-gated, whitened reward and a KL penalty."),
         StageSpec("ghost_attention", "policies.ghost_attention:run", _gatt_inputs,
                   ("policies.ghost_attention", "policies.trainer", "policies.generation", *COMMON), "model",
-                  ("adherence_late_before", "adherence_late_after"), "rlhf", "Ghost Attention multi-turn data synthesis and fine-tuning."),
+                  ("adherence_late_before", "adherence_late_after"), "rlhf", "Ghost Attention multi-turn data synthesis and fine-tuning.", distributed=True),
         StageSpec("evaluate", "policies.evaluate:run", _eval_inputs,
                   ("policies.evaluate", "policies.eval_stats", "policies.generation", "reward_models", *COMMON), "report",
                   ("gold_helpfulness", "gold_win_rate_vs_sft", "gold_safety_violation_rate"), "rlhf",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pipeline.chat import IGNORE
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
+from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, share
 from pipeline.io import fsync_path
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
@@ -141,6 +142,7 @@ def merge_lora(model):
 # and training resumes from `<name>.prev` or, failing that, from step 0.
 
 log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 2  # 2: state dicts keyed by parameter name (torch.distributed.checkpoint.state_dict), any world size
 
 
 class _Unusable(ValueError):
@@ -291,9 +293,36 @@ def evaluate_loss(model, rows: Sequence[PackedRow], micro_batch_size: int, devic
     return total / max(1, count)
 
 
+def save_train_state(ctx, path: Path, sharded, opt, sched, step: int) -> None:
+    """A resume checkpoint: full state dicts keyed by parameter name (gathered from every rank, written by
+    rank 0), so it resumes with any number of processes."""
+    model_state, optim_state = sharded.state(opt)
+    if sharded.world.is_main:
+        save_checkpoint(path, model=model_state, optimizer=optim_state, scheduler=sched.state_dict(), step=step,
+                        rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
+    barrier()
+
+
+def load_train_state(path: Path, sharded, opt, sched, *, rng: bool = True) -> int:
+    """Load the checkpoint at `path` (or its `.prev`) into every rank; the step it was saved at, or 0."""
+    required = ("model", "optimizer", "scheduler", "step", "format") + (("rng",) if rng else ())
+    state = load_checkpoint(path, required=required) if sharded.world.is_main else None
+    state = from_main(state)  # rank 0 decides (it may set an unreadable file aside); every rank loads the same
+    if state is None:
+        return 0
+    sharded.load_state(opt, state["model"], state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    if rng:
+        torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
 def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[PackedRow], tc: TrainConfig, ctx, seed: int,
                     ckpt_name: str = "train_state.pt") -> dict:
-    """Train `model` in place on packed rows; resumable. Returns summary metrics."""
+    """Train `model` in place on packed rows; resumable. Returns summary metrics.
+
+    In several processes (pipeline/distributed.py) the model is sharded with FSDP2 while it trains, each
+    rank takes its share of every step's rows, and `model` holds the trained weights on every rank after."""
     device = ctx.device
     model.to(device).train()
     reset_peak_memory(device)
@@ -302,6 +331,8 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     n = len(train_rows)
     if n == 0:
         raise StageFailed(f"{ctx.stage}: no training examples with answer tokens")
+    check_divisible(tc.batch_size, f"{ctx.stage}.batch_size")
+    train_rows = from_main(train_rows)
     steps_per_epoch = max(1, math.ceil(n / tc.batch_size))
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(seed)
@@ -309,19 +340,13 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     while len(order) < total_steps * tc.batch_size:
         order += torch.randperm(n, generator=g).tolist()
 
-    opt = make_optimizer(model, tc.learning_rate, tc.weight_decay)
+    sharded = Sharded(model, device)
+    net = sharded.module
+    opt = make_optimizer(net, tc.learning_rate, tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total_steps, warmup, tc.min_lr_ratio))
     ckpt_path = ctx.work_dir / ckpt_name
-    start_step, resumed_from = 0, 0
-    state = load_checkpoint(ckpt_path, required=("model", "optimizer", "scheduler", "rng", "step"))
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step = resumed_from = state["step"]
-    del state
+    start_step = resumed_from = load_train_state(ckpt_path, sharded, opt, sched)
     ctx.resume_metrics(start_step)  # steps from here on are logged again: each step once in metrics.jsonl
 
     tokens = 0
@@ -332,30 +357,32 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     for step in range(start_step, total_steps):
         idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
         batch_rows = [train_rows[i] for i in idx]
-        n_label = sum(sum(1 for l in r.labels[1:] if l != IGNORE) for r in batch_rows)
+        n_label = sum(sum(1 for l in r.labels[1:] if l != IGNORE) for r in batch_rows)  # over all ranks' rows
         opt.zero_grad(set_to_none=True)
         loss_total = 0.0
         tokens += sum(r.length for r in batch_rows)
-        for j in range(0, len(batch_rows), tc.micro_batch_size):
-            batch = collate(batch_rows[j : j + tc.micro_batch_size], device)
+        mine = share(batch_rows, sharded.world)
+        for j in range(0, len(mine), tc.micro_batch_size):
+            batch = collate(mine[j : j + tc.micro_batch_size], device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=tc.bf16):
-                loss_sum, _ = token_loss_sum(model, batch)
-            (loss_sum / max(1, n_label)).backward()
+                loss_sum, _ = token_loss_sum(net, batch)
+            (loss_sum / max(1, n_label) * sharded.grad_scale).backward()
             loss_total += float(loss_sum.detach())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        grad_norm = sharded.clip_grad_norm(tc.max_grad_norm)
         opt.step()
         sched.step()
-        last_loss = loss_total / max(1, n_label)
+        last_loss = all_sum(loss_total) / max(1, n_label)
         if not math.isfinite(last_loss):
             raise StageFailed(f"{ctx.stage}: training loss became {last_loss} at step {step}")
-        ctx.log({"loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, step=step)
+        ctx.log({"loss": last_loss, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
         if (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            step=step + 1, rng=torch.get_rng_state())
+            save_train_state(ctx, ckpt_path, sharded, opt, sched, step + 1)
     bar.close()
     peak = peak_memory_gib(device)
+    model = sharded.unshard(device)
+    del net, opt
     if tc.gradient_checkpointing:
         model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
     elapsed = time.time() - t0
@@ -369,5 +396,6 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         "tokens_per_s": tokens / max(1e-9, elapsed),
         "train_rows": n,
         "seconds": elapsed,
+        "world_size": sharded.world.size,
         **peak,
     }

@@ -37,12 +37,27 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: str = "cpu") -
     return ids.to(device), mask.to(device)
 
 
+class RewardForward(torch.nn.Module):
+    """(input_ids, attention_mask) -> (N,) scalar rewards read at each sequence's last real token.
+
+    One module around the reward model, so that the trainer can shard it as one FSDP2 root
+    (pipeline/distributed.py): its forward is the only entry, and every weight it uses is gathered there."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
+        last = mask.sum(1) - 1
+        return self.model.score(hidden[torch.arange(len(ids), device=hidden.device), last]).squeeze(-1).float()
+
+
 def forward_rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> torch.Tensor:
-    """(N,) scalar rewards, read at each sequence's last real token."""
+    """(N,) scalar rewards, read at each sequence's last real token (`model`: a reward model or its RewardForward)."""
     ids, mask = pad_right(seqs, pad_id, device)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
-    last = mask.sum(1) - 1
-    return model.score(hidden[torch.arange(len(seqs), device=hidden.device), last]).squeeze(-1).float()
+    net = model if isinstance(model, RewardForward) else RewardForward(model)
+    return net(ids, mask)
 
 
 @torch.no_grad()

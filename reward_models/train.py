@@ -24,7 +24,7 @@ from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
 from .data import StaticSet, holdout, mix_for, prompt_key, static_sets
 from .losses import margin_for, pairwise_accuracy, ranking_loss
-from .model import encode_pair, forward_rewards, load_reward_model, score
+from .model import RewardForward, encode_pair, forward_rewards, load_reward_model, score
 
 
 HELD_OUT_FILE = "held_out_comparisons.jsonl"  # the RM's own-domain held-out on-policy comparisons (evaluate reads it)
@@ -64,7 +64,8 @@ def _load_static(ctx: StageContext) -> list[StaticSet]:
 
 
 def train_reward_model(ctx: StageContext, kind: str) -> dict:
-    from policies.trainer import cosine_lambda, load_checkpoint, make_optimizer, save_checkpoint
+    from pipeline.distributed import Sharded, all_sum, check_divisible, share
+    from policies.trainer import cosine_lambda, load_train_state, make_optimizer, save_train_state
 
     cfg = ctx.section
     device = ctx.device
@@ -77,6 +78,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
         raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
     model, tok = load_reward_model(_init_path(ctx), device)
     model.train()
+    check_divisible(cfg.batch_size, f"{ctx.stage}.batch_size")
 
     def pair_ids(c: Comparison):
         prompt = messages_to_dicts(c.prompt)
@@ -89,18 +91,16 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = max(cfg.min_warmup_steps if total > cfg.min_warmup_steps * 2 else 0, int(cfg.warmup_ratio * total))
-    opt = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    sharded = Sharded(RewardForward(model), device)  # several processes: FSDP2-sharded while it trains
+    net = sharded.module
+    opt = make_optimizer(net, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, warmup, cfg.min_lr_ratio))
     g = torch.Generator().manual_seed(ctx.seed)
     order: list[int] = []
     while len(order) < total * cfg.batch_size:
         order += torch.randperm(len(train), generator=g).tolist()
     ckpt = ctx.work_dir / "rm_state.pt"
-    start = resumed = 0
-    if (state := load_checkpoint(ckpt, required=("model", "optimizer", "scheduler", "step"))) is not None:
-        model.load_state_dict(state["model"]); opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"])
-        start = resumed = state["step"]
-    del state
+    start = resumed = load_train_state(ckpt, sharded, opt, sched)
     ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
 
     t0, pairs_done = time.time(), 0
@@ -108,37 +108,41 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     bar.update(start)
     for step in range(start, total):
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        mine = share(idx, sharded.world)  # this rank's pairs of the step
         opt.zero_grad(set_to_none=True)
         loss_total, correct = 0.0, 0.0
-        for j in range(0, len(idx), cfg.micro_batch_size):
-            mb = idx[j : j + cfg.micro_batch_size]
+        for j in range(0, len(mine), cfg.micro_batch_size):
+            mb = mine[j : j + cfg.micro_batch_size]
             seqs = [encoded[i][0] for i in mb] + [encoded[i][1] for i in mb]  # chosen and rejected in one forward
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                r = forward_rewards(model, seqs, tok.pad_token_id, device)
+                r = forward_rewards(net, seqs, tok.pad_token_id, device)
             rc, rr = r[: len(mb)], r[len(mb):]
             loss = ranking_loss(rc, rr, margins[mb].to(device))
             if cfg.aux_safety_weight > 0:
                 loss = loss + cfg.aux_safety_weight * aux_safety_loss(rc, rr, [safe_labels[i] for i in mb])
-            (loss * len(mb) / len(idx)).backward()
+            (loss * len(mb) / len(idx) * sharded.grad_scale).backward()
             loss_total += float(loss.detach()) * len(mb)
             correct += float((rc > rr).float().sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = sharded.clip_grad_norm(cfg.max_grad_norm)
         opt.step(); sched.step()
         pairs_done += len(idx)
-        step_loss = loss_total / len(idx)
+        step_loss = all_sum(loss_total) / len(idx)
         if not math.isfinite(step_loss):
             raise StageFailed(f"{ctx.stage}: loss became {step_loss} at step {step}")
-        ctx.log({"loss": step_loss, "accuracy": correct / len(idx), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm)}, step=step)
+        ctx.log({"loss": step_loss, "accuracy": all_sum(correct) / len(idx), "lr": sched.get_last_lr()[0], "grad_norm": grad_norm}, step=step)
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step + 1)
+            save_train_state(ctx, ckpt, sharded, opt, sched, step + 1)
+    model = sharded.unshard(device).model
+    del net, opt
     bar.close()
     elapsed = time.time() - t0
     model.eval()
     save_policy(model, tok, ctx.out_dir)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
+               "world_size": sharded.world.size,
                "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss,
                "n_train_safety": sum(c.is_safety_prompt for c in train), "n_train_static": sum(id(c) in static_ids for c in train)}
     from policies.common import load_data

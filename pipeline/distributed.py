@@ -1,0 +1,210 @@
+"""Several processes, one stage: data parallel with sharded parameters, gradients and optimiser state (FSDP2).
+
+    rlhf stage sft --nproc 2          # re-executes itself under torchrun with 2 local processes
+    torchrun --nproc-per-node 8 -m pipeline.cli run --config llama2-7b    # the same, launched by hand (or by a cluster)
+
+Who does what:
+* the runner (`pipeline/runner.py`) lets rank 0 alone resolve inputs, take the lease, build and commit the
+  artifact, write manifests and W&B; it tells the other ranks (`tell`/`hear`, over a gloo group) to join a
+  build of a stage whose spec says `distributed=True`, and which artifact came out;
+* the trainers (`policies/trainer.py`, `reward_models/train.py`) shard the model (`shard`), give each rank its
+  share of every step's rows (`share`), save resume checkpoints as full state dicts written by rank 0 and read
+  by every rank (`save_train_state`/`load_train_state`), and hand the stage back a plain, unsharded model with
+  the trained weights on every rank (`Sharded.unshard`);
+* nothing else in a stage knows how many processes there are.
+
+Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate 1.15 turns FSDP on only for GPU-family
+distributed types; on CPU processes (`MULTI_CPU`) it silently falls back to DDP (`accelerate/state.py`), so the
+code the tests run here could not be the code a GPU cluster runs. `fully_shard` (FSDP2, which accelerate
+calls underneath) runs on gloo (CPU) and NCCL (GPU) alike. DeepSpeed ZeRO-3 is not wired.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from the variables torchrun (or any launcher of torch.distributed) sets."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))) if size > 1 else World()
+
+
+def resolve_device(name: str) -> str:
+    """The config's `device` (auto, cpu, cuda) as a torch device type."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+_CONTROL = None  # a gloo group for the runner's messages (they wait for hours while rank 0 builds a stage alone)
+TIMEOUT = timedelta(hours=int(os.environ.get("RLHF_DIST_TIMEOUT_H", "12")))
+
+
+def init(device: str) -> World:
+    """Join the process group (once); a single process does nothing."""
+    global _CONTROL
+    w = world()
+    if not w.distributed:
+        return w
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(w.local_rank)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend="gloo", timeout=TIMEOUT) if dist.get_backend() != "gloo" else dist.group.WORLD
+    return w
+
+
+def tell(message: Any) -> None:
+    """Rank 0 sends `message` to every other rank (no-op in one process)."""
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([message], src=0, group=_CONTROL)
+
+
+def hear() -> Any:
+    """What rank 0 `tell`s (a rank other than 0 waits here)."""
+    import torch.distributed as dist
+
+    box = [None]
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
+    return box[0]
+
+
+def share(items: Sequence, w: World | None = None) -> list:
+    """This rank's share of a step's items: every `size`-th, starting at `rank`."""
+    w = w or world()
+    return list(items[w.rank :: w.size])
+
+
+def all_sum(value: float) -> float:
+    """The sum of `value` over all ranks."""
+    if not world().distributed:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, group=_CONTROL)
+    return float(t)
+
+
+def from_main(obj: Any) -> Any:
+    """Rank 0's copy of `obj` on every rank (so ranks that sampled on their own train on the same rows)."""
+    if not world().distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
+    return box[0]
+
+
+def check_divisible(batch_size: int, key: str) -> None:
+    """Every rank must take the same number of micro-batches per step (each one is a collective)."""
+    w = world()
+    if w.distributed and batch_size % w.size:
+        from .errors import StageFailed
+
+        raise StageFailed(f"{key}={batch_size} does not split over {w.size} processes: set {key} to a multiple of {w.size}")
+
+
+def _layers(model) -> list[torch.nn.Module]:
+    """The decoder blocks of a transformers model, however wrapped (peft, a reward head): the first `layers` list."""
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in ("layers", "h") and isinstance(mod, torch.nn.ModuleList):
+            return list(mod)
+    return []
+
+
+class Sharded:
+    """The model a trainer trains: the stage's model itself in one process; with several, an FSDP2-sharded
+    copy (each decoder block and the root sharded across ranks) while the stage's model waits on the meta
+    device, holding no memory, until `unshard` loads the trained weights back into it on every rank."""
+
+    def __init__(self, model, device: str):
+        self.world = world()
+        self.plain = model
+        if not self.world.distributed:
+            self.module = model
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        self.module = copy.deepcopy(model)
+        # non-persistent buffers (rotary frequencies) are in no state dict: keep them for `unshard`
+        self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        model.to("meta")  # the shell: same modules and names, no storage
+        for layer in _layers(self.module):
+            fully_shard(layer)
+        fully_shard(self.module)
+
+    @property
+    def grad_scale(self) -> float:
+        """FSDP averages gradients over ranks; a rank's loss is its share of the global sum, so scale it back."""
+        return float(self.world.size)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def state(self, optimizer) -> tuple[dict, dict]:
+        """Full (unsharded) model and optimiser state dicts on the CPU, keyed by parameter name on every path,
+        so a checkpoint resumes with any number of processes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_state(self, optimizer, model_state: dict, optim_state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(self.module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                       options=StateDictOptions(full_state_dict=True))
+
+    def unshard(self, device: str):
+        """The stage's model with the trained weights (every rank), for saving, sampling and scoring."""
+        if not self.world.distributed:
+            return self.plain
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))  # all-gathered on every rank
+        self.plain.to_empty(device=device)
+        self.plain.load_state_dict(full, strict=True)
+        with torch.no_grad():
+            for name, buf in self.plain.named_buffers():
+                buf.copy_(self._buffers[name])
+        inner = self.plain.get_base_model() if hasattr(self.plain, "get_base_model") else self.plain
+        if hasattr(inner, "tie_weights"):
+            inner.tie_weights()
+        self.plain.train(self.module.training)
+        del self.module
+        return self.plain
+
+
+def barrier() -> None:
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.barrier(group=_CONTROL)
