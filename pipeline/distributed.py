@@ -73,9 +73,19 @@ def init(device: str) -> World:
         if device == "cuda":
             torch.cuda.set_device(w.local_rank)
         dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=TIMEOUT)
+        import atexit
+
+        atexit.register(_shutdown)  # without it, gloo's threads abort the process at exit (SIGABRT)
     if _CONTROL is None:
         _CONTROL = dist.new_group(backend="gloo", timeout=TIMEOUT) if dist.get_backend() != "gloo" else dist.group.WORLD
     return w
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def tell(message: Any) -> None:

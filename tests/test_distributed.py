@@ -1,0 +1,147 @@
+"""Several processes (pipeline/distributed.py): `rlhf run --nproc 2` on the CPU (gloo, FSDP2) builds the same
+artifacts as one process, with the same losses; a killed 2-process stage resumes; bad splits are refused."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.distributed import World, share
+from pipeline.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+RLHF = str(Path(sys.executable).with_name("rlhf"))
+TRAINING = ("sft", "reward_model_helpful", "reward_model_safety", "rejection_sampling", "ghost_attention")
+
+
+def rlhf(*args, timeout=600, **kw):
+    env = {**os.environ, "WANDB_MODE": "disabled", "RLHF_PROGRESS": "lines"}
+    return subprocess.run([RLHF, *args], capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def _tiny(run, *sets):
+    return ["--config", "tiny", "--run-dir", str(run), "--set", "tracking.mode=disabled", *[x for s in sets for x in ("--set", s)]]
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def losses(art, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in art.file("metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def test_share_gives_every_item_to_exactly_one_rank():
+    items = list(range(10))
+    parts = [share(items, World(r, 3)) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert share(items, World()) == items
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_run, tmp_path_factory):
+    """The tiny recipe's round 1 in 2 processes, on a copy of the single-process run's round 0 (data, pretrained, sft
+    are rebuilt too: sft in 2 processes)."""
+    cfg, arts = tiny_run
+    run = tmp_path_factory.mktemp("dist") / "run"
+    for stage in ("data", "pretrained"):
+        src = arts[(stage, 0)].path
+        shutil.copytree(src, run / "artifacts" / stage / src.name)
+    p = rlhf("run", *_tiny(run), "--nproc", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return run, arts, p
+
+
+def test_two_processes_build_the_same_versions_with_the_same_losses(two_process_run):
+    run, arts, p = two_process_run
+    reg = Registry(run)
+    for stage in TRAINING:
+        r = 0 if stage == "sft" else 1
+        one, two = arts[(stage, r)], reg.find(stage, r)
+        assert two is not None and two.version == one.version, stage  # same config, same code: same version
+        assert two.manifest["world_size"] == 2 and two.metrics.get("world_size", 2) == 2, stage
+        a, b = losses(one), losses(two)
+        assert len(a) == len(b) > 0, stage
+        # the same global batch: FSDP2's gradient equals one process's up to float summation order
+        assert all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (stage, a, b)
+        # and the same gradient: its norm (before clipping) is that of the global batch, not a rank's share or mean
+        ga, gb = losses(one, "grad_norm"), losses(two, "grad_norm")
+        assert len(ga) == len(a) and all(abs(x - y) <= 1e-3 * x for x, y in zip(ga, gb)), (stage, ga, gb)
+    assert reg.find("ppo", 1).manifest["world_size"] == 1  # PPO runs on rank 0 alone
+    # one artifact per (stage, round), no leftovers; rank 1 wrote nothing into the registry
+    for stage_dir in (run / "artifacts").iterdir():
+        assert len([d for d in stage_dir.iterdir() if not d.name.startswith(".")]) == 1, stage_dir
+    assert not list(run.rglob("*.build*")) and not list(run.rglob("*rank1*"))
+    # rank 0 alone prints: one summary table
+    assert p.stdout.count("finished:") == 1
+
+
+def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run, tmp_path):
+    run0, _, _ = two_process_run
+    run = tmp_path / "run"
+    shutil.copytree(run0 / "artifacts" / "data", run / "artifacts" / "data")
+    shutil.copytree(run0 / "artifacts" / "pretrained", run / "artifacts" / "pretrained")
+    sets = ("sft.max_steps=300", "sft.checkpoint_every=10", "threads=1")
+    env = {**os.environ, "WANDB_MODE": "disabled", "RLHF_PROGRESS": "lines"}
+    proc = subprocess.Popen([RLHF, "stage", "sft", *_tiny(run, *sets), "--nproc", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    deadline = time.time() + 300
+    ckpts = []
+    while time.time() < deadline and not ckpts:
+        ckpts = list((run / "work").rglob("train_state.pt")) if (run / "work").exists() else []
+        time.sleep(0.2)
+    assert ckpts, "no checkpoint was written"
+    time.sleep(0.5)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks (torchrun starts them in sessions of their own)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert Registry(run).find("sft", 0) is None
+
+    p = rlhf("stage", "sft", *_tiny(run, *sets), "--nproc", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    art = Registry(run).find("sft", 0)
+    assert art.metrics["resumed_from_step"] >= 10 and art.metrics["world_size"] == 2
+    steps = [json.loads(line)["step"] for line in art.file("metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == list(range(300))  # every step logged once, none lost or repeated across the crash
+
+    # the uninterrupted single-process run of the same stage ends at the same loss
+    ref = tmp_path / "ref"
+    shutil.copytree(run / "artifacts" / "data", ref / "artifacts" / "data")
+    shutil.copytree(run / "artifacts" / "pretrained", ref / "artifacts" / "pretrained")
+    p = rlhf("stage", "sft", *_tiny(ref, *sets))
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = Registry(ref).find("sft", 0)
+    assert one.version == art.version
+    assert abs(one.metrics["train_loss"] - art.metrics["train_loss"]) <= 1e-3 * abs(one.metrics["train_loss"])
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(two_process_run, tmp_path):
+    run0, _, _ = two_process_run
+    run = tmp_path / "run"
+    shutil.copytree(run0 / "artifacts" / "data", run / "artifacts" / "data")
+    shutil.copytree(run0 / "artifacts" / "pretrained", run / "artifacts" / "pretrained")
+    p = rlhf("stage", "sft", *_tiny(run, "sft.batch_size=5", "sft.micro_batch_size=5"), "--nproc", "2")
+    assert p.returncode != 0
+    assert "sft.batch_size=5 does not split over 2 processes" in p.stdout + p.stderr
+    assert Registry(run).find("sft", 0) is None
