@@ -190,6 +190,8 @@ class RewardModelConfig(_Cfg):
     checkpoint_every: int = Field(50, ge=1, description="Resumable checkpoint every N optimiser steps.")
     bf16: bool = Field(False, description="bfloat16 autocast.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA on the reward model's transformer (the scalar head "
+                             "trains in full); merged into the saved reward model.")
 
 
 class RejectionSamplingConfig(TrainConfig):
@@ -207,6 +209,9 @@ class PPOConfig(_Cfg):
     steps: int = Field(200, ge=1, description="PPO iterations (sec. 3.2.3: 200-400).")
     batch_size: int = Field(512, ge=1, description="Rollouts per iteration (sec. 3.2.3: 512).")
     mini_batch_size: int = Field(64, ge=1, description="Rollouts per gradient step; one step per mini-batch (sec. 3.2.3: 64).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Rollouts per forward pass (None: a whole mini-batch): the rollout "
+                                         "batch's log-probs, reference log-probs and values are computed this many at a time, and each "
+                                         "mini-batch's gradient is accumulated over pieces of this size. Same results, less memory.")
     ppo_epochs: int = Field(1, ge=1, description="Passes over each batch (one gradient step per mini-batch).")
     learning_rate: float = Field(1e-6, gt=0, description="Constant learning rate (sec. 3.2.3: 1e-6).")
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1 (sec. 3.2.3: 0.9).")
@@ -286,6 +291,10 @@ class RunConfig(_Cfg):
     run_dir: str = Field("runs/demo", description="Where artifacts, logs and W&B files go.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype of the models loaded to sample and score (reward models, the policies that collect "
+        "preferences and are evaluated). auto: bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slower). Models "
+        "that train keep float32 master weights; their compute precision is each stage's `bf16` switch.")
     ppo_from: int = Field(2, ge=1, description="First round that runs PPO after rejection sampling (the paper: V5).")
     gatt_from: int = Field(3, ge=1, description="First round that runs Ghost Attention (the paper: after V3).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="W&B tracking.")
@@ -305,7 +314,7 @@ class RunConfig(_Cfg):
         """The resolved config a stage's version depends on: its own section plus the run-level
         settings every stage uses (seed, data, and the demo model for `pretrained`)."""
         own = getattr(self, stage).model_dump(mode="json") if stage in STAGE_SECTIONS else {}
-        return {"stage": own, "seed": self.seed, "data": self.data.model_dump(mode="json")}
+        return {"stage": own, "seed": self.seed, "data": self.data.model_dump(mode="json"), "dtype": self.dtype}
 
 
 STAGE_SECTIONS = (

@@ -47,6 +47,13 @@ class StageContext:
 
         return resolve_device(self.config.device)
 
+    @property
+    def inference_dtype(self) -> str:
+        """The dtype of models loaded to sample and score (`dtype` in the config; auto: bfloat16 on a GPU)."""
+        if self.config.dtype == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        return self.config.dtype
+
     def input(self, role: str) -> Artifact:
         if role not in self.inputs:
             raise StageFailed(f"stage {self.stage} round {self.round} has no input {role!r} (has: {', '.join(self.inputs)})")

@@ -33,12 +33,12 @@ def sample_pairs(ctx: StageContext) -> list[dict]:
     """Unlabeled pairs: {prompt_id, prompt, is_safety_prompt, response_a, response_b, temperatures}."""
     cfg = ctx.section
     prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
-    model, tok = load_policy(ctx.input("policy").path, ctx.device)
+    model, tok = load_policy(ctx.input("policy").path, ctx.device, dtype=ctx.inference_dtype)
     dialogues = [messages_to_dicts(p.messages) for p in prompts]
     temps = [cfg.temperatures[i % len(cfg.temperatures)] for i in range(cfg.responses_per_prompt)]
     sources = [(model, t, "policy") for t in sorted(set(temps))]
     if cfg.base_responses:  # a different model variant, as the paper's annotators compared (sec. 3.2.1)
-        base, _ = load_policy(ctx.input("pretrained").path, ctx.device)
+        base, _ = load_policy(ctx.input("pretrained").path, ctx.device, dtype=ctx.inference_dtype)
         sources.append((base, max(cfg.temperatures), "pretrained"))
     responses: list[list[tuple[str, float, str]]] = [[] for _ in prompts]
     bar = ctx.progress(len(prompts) * len(sources), "sample", unit="prompt")

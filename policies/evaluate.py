@@ -155,7 +155,7 @@ def run(ctx: StageContext) -> dict:
     policies = {"policy": ctx.input("policy"), "previous": ctx.input("previous_policy"), "sft": ctx.input("sft")}
     replies, scores, models = {}, {}, {}
     for name, art in policies.items():
-        model, tok = load_policy(art.path, device)
+        model, tok = load_policy(art.path, device, dtype=ctx.inference_dtype)
         models[name] = model
         # the same prompts and sampling seed every round, so rounds are compared on equal terms
         replies[name] = [r[0] for r in sample_replies(model, tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed)]

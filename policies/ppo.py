@@ -129,19 +129,39 @@ def build_batch(prompt_ids: list[list[int]], responses: list[list[int]], pad_id:
     return {"input_ids": ids, "attention_mask": attn, "response_index": index, "response_ids": resp, "mask": mask}
 
 
+def _chunks(batch: dict, size: int | None):
+    """The batch in consecutive pieces of at most `size` rollouts (all of it when size is None)."""
+    n = batch["input_ids"].shape[0]
+    size = size or n
+    for i in range(0, n, size):
+        yield {k: v[i : i + size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _cat(parts: list):
+    return None if parts[0] is None else torch.cat(parts)
+
+
+def forward_in_chunks(model, head, critic, batch: dict, size: int | None, with_values: bool = True, temperature: float = 1.0):
+    """forward_policy over the batch `size` rollouts at a time: the (size, A, vocab) logits of one chunk are the
+    largest temporary, not those of the whole rollout batch (which at 512 x 1024 x 32k float32 is 67 GB)."""
+    outs = [forward_policy(model, head, critic, c, with_values=with_values, temperature=temperature) for c in _chunks(batch, size)]
+    return tuple(_cat([o[i] for o in outs]) for i in range(3))
+
+
 @torch.no_grad()
 def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, beta: float, gamma: float = 1.0, lam: float = 0.95,
-               temperature: float = 1.0):
+               temperature: float = 1.0, micro_batch_size: int | None = None):
     """The no-grad half of a PPO iteration: old log-probs and values, KL to pi_0 (a frozen `ref`, or
     the policy with its adapters disabled when `ref` is None), per-token rewards, GAE, whitened
-    advantages. Returns (old_logp, old_values, kl, advantages, returns), each (B, A)."""
+    advantages, the forward passes `micro_batch_size` rollouts at a time. Returns (old_logp, old_values,
+    kl, advantages, returns), each (B, A)."""
     mask = batch["mask"]
-    old_logp, _, old_values = forward_policy(policy, head, critic, batch, temperature=temperature)
+    old_logp, _, old_values = forward_in_chunks(policy, head, critic, batch, micro_batch_size, temperature=temperature)
     if ref is not None:
-        ref_logp, _, _ = forward_policy(ref, None, None, batch, with_values=False, temperature=temperature)
+        ref_logp, _, _ = forward_in_chunks(ref, None, None, batch, micro_batch_size, with_values=False, temperature=temperature)
     else:
         with policy.disable_adapter():
-            ref_logp, _, _ = forward_policy(policy, None, None, batch, with_values=False, temperature=temperature)
+            ref_logp, _, _ = forward_in_chunks(policy, None, None, batch, micro_batch_size, with_values=False, temperature=temperature)
     kl = kl_penalty(old_logp, ref_logp, "k1")
     rewards = per_token_rewards(scores, kl, mask, beta)
     adv, returns = gae(rewards, old_values * mask, mask, gamma, lam)
@@ -255,8 +275,8 @@ def run(ctx: StageContext) -> dict:
         mask = batch["mask"]
         rewards_in = penalise_truncated(sc.combined.to(device), done, cfg.missing_eos_penalty)
 
-        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, rewards_in, cfg.beta,
-                                                            cfg.gamma, cfg.lam, temperature=cfg.temperature)
+        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, rewards_in, cfg.beta, cfg.gamma,
+                                                            cfg.lam, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size)
 
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
         n_updates = 0
@@ -265,22 +285,28 @@ def run(ctx: StageContext) -> dict:
             perm = torch.randperm(len(prompts), generator=g)
             for i in range(0, len(prompts), cfg.mini_batch_size):
                 idx = perm[i : i + cfg.mini_batch_size].to(device)
-                mb = _select(batch, idx)
-                logp, ent, values = forward_policy(policy, head, critic, mb, temperature=cfg.temperature)
-                pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[idx], adv[idx], mb["mask"], cfg.clip)
-                vl, _ = value_loss(values, old_values[idx], returns[idx], mb["mask"], cfg.value_clip)
-                loss = pl + cfg.vf_coef * vl
-                if not torch.isfinite(loss):  # fail the stage, not just this mini-batch loop (issue 12.7)
-                    raise StageFailed(f"ppo: non-finite loss ({float(loss)}) at step {step} (policy {float(pl)}, value {float(vl)}); "
-                                      f"the last good checkpoint is step {good['step']} in {ckpt}")
+                n_tokens = mask[idx].sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # one gradient step per mini-batch, accumulated over micro-batches: each micro-batch's masked means
+                # weighted by its share of the mini-batch's tokens add up to the mini-batch's masked means
+                for j in range(0, len(idx), cfg.micro_batch_size or len(idx)):
+                    sub = idx[j : j + (cfg.micro_batch_size or len(idx))]
+                    mb = _select(batch, sub)
+                    w = mb["mask"].sum() / n_tokens
+                    logp, ent, values = forward_policy(policy, head, critic, mb, temperature=cfg.temperature)
+                    pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[sub], adv[sub], mb["mask"], cfg.clip)
+                    vl, _ = value_loss(values, old_values[sub], returns[sub], mb["mask"], cfg.value_clip)
+                    loss = pl + cfg.vf_coef * vl
+                    if not torch.isfinite(loss):  # fail the stage, not just this mini-batch loop (issue 12.7)
+                        raise StageFailed(f"ppo: non-finite loss ({float(loss)}) at step {step} (policy {float(pl)}, value {float(vl)}); "
+                                          f"the last good checkpoint is step {good['step']} in {ckpt}")
+                    (loss * w).backward()
+                    for k, v in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
+                                 ("entropy", masked_mean(ent.detach(), mb["mask"]))):
+                        stats[k] += float(v.detach() * w)
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 n_updates += 1
-                for k, v in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
-                             ("entropy", masked_mean(ent.detach(), mb["mask"]))):
-                    stats[k] += float(v.detach())
         stats = {k: v / max(1, n_updates) for k, v in stats.items()}
         lengths = mask.sum(1)
         row = {

@@ -115,7 +115,7 @@ def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), ep
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def apply_lora(model, lora: LoraConfig, device: str):
+def apply_lora(model, lora: LoraConfig, device: str, task_type: str = "CAUSAL_LM"):
     if not lora.enabled:
         return model
     if lora.quantize_4bit and device != "cuda":
@@ -123,7 +123,7 @@ def apply_lora(model, lora: LoraConfig, device: str):
                           "Set lora.quantize_4bit=false (plain LoRA works on the CPU).")
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task_type)
     return get_peft_model(model, cfg)
 
 

@@ -10,12 +10,13 @@ import torch
 from pipeline.chat import IGNORE, encode_dialogue
 
 
-def load_reward_model(path: str | Path, device: str = "cpu"):
+def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer). From a causal-LM checkpoint the LM head is dropped and a fresh scalar
     regression head is added; from a reward-model checkpoint everything is loaded."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
+                                                               dtype=getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(str(path))
     model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
@@ -48,9 +49,10 @@ class RewardForward(torch.nn.Module):
         self.model = model
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # under LoRA: the adapted model
+        hidden = inner.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
         last = mask.sum(1) - 1
-        return self.model.score(hidden[torch.arange(len(ids), device=hidden.device), last]).squeeze(-1).float()
+        return inner.score(hidden[torch.arange(len(ids), device=hidden.device), last]).squeeze(-1).float()
 
 
 def forward_rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> torch.Tensor:

@@ -32,9 +32,9 @@ class Scores:
 
 class RewardScorer:
     def __init__(self, helpful_path: str | Path, safety_path: str | Path, device: str = "cpu", threshold: float = 0.15,
-                 max_length: int = 4096):
-        self.helpful, self.tok_h = load_reward_model(helpful_path, device)
-        self.safety, self.tok_s = load_reward_model(safety_path, device)
+                 max_length: int = 4096, dtype: str = "float32"):
+        self.helpful, self.tok_h = load_reward_model(helpful_path, device, dtype)
+        self.safety, self.tok_s = load_reward_model(safety_path, device, dtype)
         self.helpful.eval()
         self.safety.eval()
         self.device, self.threshold, self.max_length = device, threshold, max_length
@@ -42,7 +42,8 @@ class RewardScorer:
     @classmethod
     def from_inputs(cls, ctx, threshold: float = 0.15) -> "RewardScorer":
         max_len = max(ctx.config.reward_model_helpful.max_length, ctx.config.reward_model_safety.max_length)
-        return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len)
+        return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len,
+                   getattr(ctx, "inference_dtype", "float32"))
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True) -> Scores:
         zh = score(self.helpful, self.tok_h, prompts, responses, self.max_length, self.device).float()

@@ -65,7 +65,7 @@ def _load_static(ctx: StageContext) -> list[StaticSet]:
 
 def train_reward_model(ctx: StageContext, kind: str) -> dict:
     from pipeline.distributed import Sharded, all_sum, check_divisible, share
-    from policies.trainer import cosine_lambda, load_train_state, make_optimizer, save_train_state
+    from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
     cfg = ctx.section
     device = ctx.device
@@ -77,6 +77,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     if not train:
         raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
     model, tok = load_reward_model(_init_path(ctx), device)
+    model = apply_lora(model, cfg.lora, device, task_type="SEQ_CLS")  # the scalar head trains in full (peft modules_to_save)
     model.train()
     check_divisible(cfg.batch_size, f"{ctx.stage}.batch_size")
 
@@ -134,7 +135,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
         bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             save_train_state(ctx, ckpt, sharded, opt, sched, step + 1)
-    model = sharded.unshard(device).model
+    model = merge_lora(sharded.unshard(device).model)
     del net, opt
     bar.close()
     elapsed = time.time() - t0
