@@ -25,6 +25,7 @@ best policy (sec. 3.2.3: "evaluations on held-out prompts for early stopping").
 from __future__ import annotations
 
 import json
+import math
 
 import copy
 import time
@@ -168,6 +169,32 @@ def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, bet
     return old_logp, old_values, kl, masked_whiten(adv, mask), returns
 
 
+def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, old_logp, old_values, adv, returns, cfg) -> dict:
+    """Backward of one PPO mini-batch (rollouts `idx`): clipped policy loss plus `vf_coef` x value loss, accumulated
+    over pieces of `cfg.micro_batch_size` rollouts. Each piece's masked means, weighted by its share of the
+    mini-batch's response tokens, add up to the mini-batch's: the gradient does not depend on the piece size.
+    Returns the mini-batch's losses and statistics (floats); the caller steps the optimiser."""
+    mask = batch["mask"]
+    n_tokens = mask[idx].sum().clamp(min=1)
+    size = cfg.micro_batch_size or len(idx)
+    stats = dict.fromkeys(("loss", "policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy"), 0.0)
+    for j in range(0, len(idx), size):
+        sub = idx[j : j + size]
+        mb = _select(batch, sub)
+        w = mb["mask"].sum() / n_tokens
+        logp, ent, values = forward_policy(policy, head, critic, mb, temperature=cfg.temperature)
+        pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[sub], adv[sub], mb["mask"], cfg.clip)
+        vl, _ = value_loss(values, old_values[sub], returns[sub], mb["mask"], cfg.value_clip)
+        loss = pl + cfg.vf_coef * vl
+        if not torch.isfinite(loss):
+            return {**stats, "loss": float(loss), "policy_loss": float(pl), "value_loss": float(vl)}
+        (loss * w).backward()
+        for k, v in (("loss", loss), ("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
+                     ("entropy", masked_mean(ent.detach(), mb["mask"]))):
+            stats[k] += float(v.detach() * w)
+    return stats
+
+
 def finished(responses: list[list[int]], stops) -> torch.Tensor:
     """(B,) bool: the rollout ended with a stop token (generate returns it) within max_new_tokens."""
     stops = set(int(t) for t in stops)
@@ -285,25 +312,13 @@ def run(ctx: StageContext) -> dict:
             perm = torch.randperm(len(prompts), generator=g)
             for i in range(0, len(prompts), cfg.mini_batch_size):
                 idx = perm[i : i + cfg.mini_batch_size].to(device)
-                n_tokens = mask[idx].sum().clamp(min=1)
                 opt.zero_grad(set_to_none=True)
-                # one gradient step per mini-batch, accumulated over micro-batches: each micro-batch's masked means
-                # weighted by its share of the mini-batch's tokens add up to the mini-batch's masked means
-                for j in range(0, len(idx), cfg.micro_batch_size or len(idx)):
-                    sub = idx[j : j + (cfg.micro_batch_size or len(idx))]
-                    mb = _select(batch, sub)
-                    w = mb["mask"].sum() / n_tokens
-                    logp, ent, values = forward_policy(policy, head, critic, mb, temperature=cfg.temperature)
-                    pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[sub], adv[sub], mb["mask"], cfg.clip)
-                    vl, _ = value_loss(values, old_values[sub], returns[sub], mb["mask"], cfg.value_clip)
-                    loss = pl + cfg.vf_coef * vl
-                    if not torch.isfinite(loss):  # fail the stage, not just this mini-batch loop (issue 12.7)
-                        raise StageFailed(f"ppo: non-finite loss ({float(loss)}) at step {step} (policy {float(pl)}, value {float(vl)}); "
-                                          f"the last good checkpoint is step {good['step']} in {ckpt}")
-                    (loss * w).backward()
-                    for k, v in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
-                                 ("entropy", masked_mean(ent.detach(), mb["mask"]))):
-                        stats[k] += float(v.detach() * w)
+                mb_stats = minibatch_gradients(policy, head, critic, batch, idx, old_logp, old_values, adv, returns, cfg)
+                if not math.isfinite(mb_stats["loss"]):  # fail the stage, not just this mini-batch loop (issue 12.7)
+                    raise StageFailed(f"ppo: non-finite loss ({mb_stats['loss']}) at step {step} (policy {mb_stats['policy_loss']}, "
+                                      f"value {mb_stats['value_loss']}); the last good checkpoint is step {good['step']} in {ckpt}")
+                for k in stats:
+                    stats[k] += mb_stats[k]
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 n_updates += 1
