@@ -294,6 +294,8 @@ def plan(
     set_: Optional[List[str]] = SetOpt,
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GiB per GPU to plan for (default: hardware.gpu_memory_gb, "
                                                "else this machine's GPU, else its RAM)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="GPUs (processes) per node (default: hardware.gpus)."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", min=1, help="Nodes (default: hardware.nodes)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Estimated peak memory per device of every stage (weights, gradients, optimiser state, activations,
@@ -304,7 +306,8 @@ def plan(
     cfg = _load(config, set_, check_device=False)  # planning for GPUs needs none here
     try:
         shape = model_shape(cfg)
-        plans, usable, what = make_plan(cfg, shape, gpu_memory if gpu_memory is not None else cfg.hardware.gpu_memory_gb)
+        plans, usable, what = make_plan(cfg, shape, gpu_memory if gpu_memory is not None else cfg.hardware.gpu_memory_gb,
+                                        gpus=gpus, nodes=nodes)
     except PlanError as e:
         _fail(f"error: {e}", 1)
     if as_json:

@@ -190,6 +190,8 @@ class RewardModelConfig(_Cfg):
     checkpoint_every: int = Field(50, ge=1, description="Resumable checkpoint every N optimiser steps.")
     bf16: bool = Field(False, description="bfloat16 autocast.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (same results, "
+                                         "less memory; see `rlhf plan`).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA on the reward model's transformer (the scalar head "
                              "trains in full); merged into the saved reward model.")
 
@@ -235,6 +237,8 @@ class PPOConfig(_Cfg):
     kl_bound: float = Field(10.0, gt=0, description="Stop (keeping the last good checkpoint) when mean KL to pi_0 exceeds this.")
     min_response_tokens: float = Field(1.0, ge=0, description="Stop when the mean response length collapses below this.")
     max_response_frac: float = Field(0.98, gt=0, le=1, description="Stop when this share of rollouts hit max_new_tokens (length explosion).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass of the PPO "
+                                         "updates (same results, less memory; off while sampling rollouts, which use the KV cache).")
     share_value_trunk: bool = Field(True, description="Value head on the policy trunk (saves a model copy) instead of a separate critic.")
     checkpoint_every: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled.")
@@ -282,6 +286,9 @@ class HardwareConfig(_Cfg):
 
     gpu_memory_gb: float | None = Field(None, gt=0, description="Memory per GPU in GiB to plan for (None: this machine's GPU, else its RAM).")
     check_plan: bool = Field(True, description="`rlhf run` refuses to start when a stage it would build does not fit (see `rlhf plan`).")
+    gpus: int = Field(1, ge=1, description="GPUs (processes) per node the run is launched with (`--nproc`, torchrun): the training "
+                      "stages shard over all of them (see `rlhf plan`).")
+    nodes: int = Field(1, ge=1, description="Nodes the run is launched on (torchrun --nnodes).")
 
 
 class RunConfig(_Cfg):

@@ -117,17 +117,40 @@ def kv_cache_bytes(shape: Shape, tokens: int, bytes_per: int = FP32) -> int:
     return 2 * shape.layers * shape.kv_dim * tokens * bytes_per
 
 
-def train_step(params: int, trainable: int, activations: int, logits: int) -> dict[str, int]:
-    """Terms of one training step of a float32 model with AdamW; `peak` is the larger of its two phases."""
-    weights, grads, adam = params * FP32, trainable * FP32, 2 * trainable * FP32
-    return {"weights": weights, "gradients": grads, "optimizer": adam, "activations": activations, "logits": logits,
-            "peak": max(weights + adam + activations + logits, weights + grads + adam)}
+def train_step(params: int, trainable: int, activations: int, logits: int, world: int = 1, layer_params: int = 0) -> dict[str, int]:
+    """Terms of one training step of a float32 model with AdamW; `peak` is the larger of its two phases.
+
+    With `world` > 1 processes (FSDP2, pipeline/distributed.py) weights, gradients and Adam moments are sharded
+    `world` ways, and each process also holds two decoder blocks gathered whole (the one computing and the next)."""
+    weights, grads, adam = params * FP32 // world, trainable * FP32 // world, 2 * trainable * FP32 // world
+    gathered = 2 * layer_params * FP32 if world > 1 else 0
+    terms = {"weights": weights, "gradients": grads, "optimizer": adam, "activations": activations, "logits": logits,
+             "peak": max(weights + adam + gathered + activations + logits, weights + grads + adam + gathered)}
+    if gathered:
+        terms["gathered_layers"] = gathered
+    return terms
 
 
-def sampling(shape: Shape, resident_params: int, rows_tokens: int = GEN_BATCH_TOKENS) -> dict[str, int]:
-    """Sampling with `resident_params` of models in memory and a KV cache of `rows_tokens` tokens."""
-    weights, kv = resident_params * FP32, kv_cache_bytes(shape, rows_tokens)
+def sampling(shape: Shape, resident_params: int, rows_tokens: int = GEN_BATCH_TOKENS, bytes_per: int = FP32) -> dict[str, int]:
+    """Sampling with `resident_params` of models (`bytes_per` bytes each) in memory and a KV cache of `rows_tokens` tokens."""
+    weights, kv = resident_params * bytes_per, kv_cache_bytes(shape, rows_tokens, bytes_per)
     return {"weights": weights, "kv_cache": kv, "peak": weights + kv}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the plan is for: processes per stage that shards (`world` = GPUs per node x nodes), whether the devices are
+    GPUs, and the bytes per weight of the models loaded to sample and score (the config's `dtype`)."""
+
+    world: int = 1
+    gpu: bool = False
+    inference_bytes: int = FP32
+
+    @classmethod
+    def of(cls, cfg: RunConfig, gpus: int | None = None, nodes: int | None = None, gpu: bool = False) -> "Setup":
+        world = (gpus or cfg.hardware.gpus) * (nodes or cfg.hardware.nodes)
+        half = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and gpu)
+        return cls(world, gpu, 2 if half else FP32)
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -151,29 +174,53 @@ def _trainable(shape: Shape, tc_lora, base_params: int) -> int:
     return lora_params(shape, tc_lora.r, tc_lora.target_modules) if tc_lora.enabled else base_params
 
 
-def _sft_like(name: str, shape: Shape, tc: TrainConfig, extra_resident: int = 0, note: str = "") -> StagePlan:
+def _layer_params(shape: Shape) -> int:
+    return (shape.params - shape.vocab * shape.hidden - shape.lm_head) // max(1, shape.layers)
+
+
+def _sharded_training(shape: Shape, params: int, trainable: int, activations: int, logits: int, setup: Setup) -> dict[str, int]:
+    """A training step of a stage that shards (sft, reward models, RS and GAtt fine-tunes), with the phases around it
+    in several processes: the whole float32 model is loaded on each before it is sharded, and gathered whole again
+    at the end (`Sharded.unshard`) while the shards still exist."""
+    t = train_step(params, trainable, activations, logits, setup.world, _layer_params(shape))
+    if setup.world > 1:
+        t["unshard"] = t["weights"] + t["gradients"] + t["optimizer"] + params * FP32
+        t["peak"] = max(t["peak"], t["unshard"])
+    return t
+
+
+def _sft_like(name: str, shape: Shape, tc: TrainConfig, setup: Setup, scoring_params: int = 0, note: str = "") -> StagePlan:
     tokens = tc.micro_batch_size * tc.seq_len
-    terms = train_step(shape.params, _trainable(shape, tc.lora, shape.params), activation_bytes(shape, tokens, tc.gradient_checkpointing),
-                       logits_bytes(shape, tokens))
-    gen = sampling(shape, shape.params + extra_resident)
-    peak = max(terms["peak"] + extra_resident * FP32, gen["peak"])
-    if extra_resident:
-        terms["reward_models"] = extra_resident * FP32
+    terms = _sharded_training(shape, shape.params, _trainable(shape, tc.lora, shape.params),
+                              activation_bytes(shape, tokens, tc.gradient_checkpointing), logits_bytes(shape, tokens), setup)
+    gen = sampling(shape, shape.params)  # the stage's policy samples in float32 (it trains next), whole on every process
+    peak = max(terms["peak"], gen["peak"])
+    if scoring_params:  # RS: on a GPU the policy waits on the CPU while both reward models score
+        scoring = scoring_params * setup.inference_bytes + (0 if setup.gpu else shape.params * FP32)
+        terms["reward_models"] = scoring_params * setup.inference_bytes
+        peak = max(peak, scoring)
     terms["kv_cache"] = gen["kv_cache"]
+    terms["sampling_weights"] = gen["weights"]
     return StagePlan(name, peak, terms, note or f"micro-batch {tc.micro_batch_size} x {tc.seq_len} tokens"
-                     + (", LoRA" if tc.lora.enabled else ", full fine-tuning") + (", gradient checkpointing" if tc.gradient_checkpointing else ""))
+                     + (", LoRA" if tc.lora.enabled else ", full fine-tuning") + (", gradient checkpointing" if tc.gradient_checkpointing else "")
+                     + (f", sharded over {setup.world} processes" if setup.world > 1 else ""))
 
 
-def _reward_model(name: str, shape: Shape, rc) -> StagePlan:
+def _reward_model(name: str, shape: Shape, rc, setup: Setup) -> StagePlan:
     tokens = rc.micro_batch_size * 2 * rc.max_length  # chosen and rejected in one forward
     p = shape.reward_model_params
-    terms = train_step(p, p, activation_bytes(shape, tokens), 0)
-    return StagePlan(name, terms["peak"], terms, f"micro-batch {rc.micro_batch_size} pairs x {rc.max_length} tokens, full fine-tuning")
+    trainable = lora_params(shape, rc.lora.r, rc.lora.target_modules) + shape.hidden if rc.lora.enabled else p
+    terms = _sharded_training(shape, p, trainable, activation_bytes(shape, tokens, rc.gradient_checkpointing), 0, setup)
+    return StagePlan(name, terms["peak"], terms, f"micro-batch {rc.micro_batch_size} pairs x {rc.max_length} tokens, "
+                     + ("LoRA" if rc.lora.enabled else "full fine-tuning") + (", gradient checkpointing" if rc.gradient_checkpointing else "")
+                     + (f", sharded over {setup.world} processes" if setup.world > 1 else ""))
 
 
-def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None) -> list[StagePlan]:
+def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None, setup: Setup | None = None) -> list[StagePlan]:
     """Estimated peak memory per device of every stage of the recipe."""
+    setup = setup or Setup.of(cfg)
     rms = 2 * shape.reward_model_params
+    ib = setup.inference_bytes
     plans: list[StagePlan] = []
     if cfg.pretrained.model == "demo":
         d = cfg.pretrained.demo
@@ -182,18 +229,19 @@ def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None) -
         plans.append(StagePlan("pretrained", t["peak"], t, f"demo pretraining, batch {d.pretrain_batch_size} x {d.pretrain_seq_len}"))
     else:
         plans.append(StagePlan("pretrained", shape.params * FP32, {"weights": shape.params * FP32}, "load and register"))
-    plans.append(_sft_like("sft", shape, cfg.sft))
+    plans.append(_sft_like("sft", shape, cfg.sft, setup))
     cp = cfg.collect_preferences
-    plans.append(StagePlan("collect_preferences", **_peak(sampling(shape, shape.params * (2 if cp.base_responses else 1))),
+    plans.append(StagePlan("collect_preferences", **_peak(sampling(shape, shape.params * (2 if cp.base_responses else 1), bytes_per=ib)),
                            note="policy" + (" and the pretrained model" if cp.base_responses else "") + " resident"))
-    plans.append(_reward_model("reward_model_helpful", shape, cfg.reward_model_helpful))
-    plans.append(_reward_model("reward_model_safety", shape, cfg.reward_model_safety))
-    plans.append(_sft_like("rejection_sampling", shape, cfg.rejection_sampling, extra_resident=rms,
-                           note="both reward models resident while sampling, scoring and fine-tuning"))
-    plans.append(_ppo(cfg, shape, rms))
-    plans.append(_sft_like("ghost_attention", shape, cfg.ghost_attention))
-    ev = sampling(shape, 3 * shape.params + rms)
-    plans.append(StagePlan("evaluate", ev["peak"], {**ev, "reward_models": rms * FP32},
+    plans.append(_reward_model("reward_model_helpful", shape, cfg.reward_model_helpful, setup))
+    plans.append(_reward_model("reward_model_safety", shape, cfg.reward_model_safety, setup))
+    plans.append(_sft_like("rejection_sampling", shape, cfg.rejection_sampling, setup, scoring_params=rms,
+                           note="sample with the policy, score with both reward models, then fine-tune"
+                           + (f" (sharded over {setup.world} processes)" if setup.world > 1 else "")))
+    plans.append(_ppo(cfg, shape, rms, setup))
+    plans.append(_sft_like("ghost_attention", shape, cfg.ghost_attention, setup))
+    ev = sampling(shape, 3 * shape.params + rms, bytes_per=ib)
+    plans.append(StagePlan("evaluate", ev["peak"], {**ev, "reward_models": rms * ib},
                            "policy, previous policy, SFT and both reward models resident"))
     return [p for p in plans if stages is None or p.stage in stages]
 
@@ -202,21 +250,27 @@ def _peak(terms: dict[str, int]) -> dict[str, Any]:
     return {"peak_bytes": terms["peak"], "terms": terms}
 
 
-def _ppo(cfg: RunConfig, shape: Shape, rms: int) -> StagePlan:
+def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
+    """PPO runs in one process (rank 0 when there are several): nothing is sharded."""
     pc = cfg.ppo
     seq = PROMPT_TOKENS + pc.max_new_tokens
+    micro = pc.micro_batch_size or pc.mini_batch_size
     trainable = _trainable(shape, pc.lora, shape.params) + shape.hidden + 1  # + value head
     reference = 0 if pc.lora.enabled else shape.params  # LoRA: the reference is the base with adapters off
-    tokens = pc.mini_batch_size * seq
-    t = train_step(shape.params + reference + rms, trainable, activation_bytes(shape, tokens), logits_bytes(shape, tokens))
-    rollout_logits = pc.batch_size * pc.max_new_tokens * shape.vocab * FP32  # no-grad log-probs of the whole batch
+    tokens = micro * seq
+    rm_bytes = rms * setup.inference_bytes
+    t = train_step(shape.params + reference, trainable, activation_bytes(shape, tokens, pc.gradient_checkpointing),
+                   logits_bytes(shape, micro * pc.max_new_tokens))
+    t["peak"] += rm_bytes
+    rollout_logits = (pc.micro_batch_size or pc.batch_size) * pc.max_new_tokens * shape.vocab * FP32  # no-grad log-probs, a piece at a time
     kv = kv_cache_bytes(shape, GEN_BATCH_TOKENS)
-    weights = (shape.params + reference + rms) * FP32
+    weights = (shape.params + reference) * FP32 + rm_bytes
     peak = max(t["peak"], weights + rollout_logits, weights + kv)
-    terms = {**t, "reference": reference * FP32, "reward_models": rms * FP32, "rollout_logits": rollout_logits, "kv_cache": kv}
-    return StagePlan("ppo", peak, terms, f"mini-batch {pc.mini_batch_size} x {seq} tokens, "
+    terms = {**t, "reference": reference * FP32, "reward_models": rm_bytes, "rollout_logits": rollout_logits, "kv_cache": kv}
+    return StagePlan("ppo", peak, terms, f"micro-batch {micro} x {seq} tokens, "
                      + ("LoRA (reference = adapters off)" if pc.lora.enabled else "full fine-tuning with a frozen reference copy")
-                     + f"; log-probs of {pc.batch_size} rollouts at once")
+                     + (", gradient checkpointing" if pc.gradient_checkpointing else "")
+                     + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; one process (not sharded)")
 
 
 # ---------------------------------------------------------------------------------------- budget and fixes
@@ -254,16 +308,23 @@ def fix_for(plan: StagePlan, cfg: RunConfig, budget: float) -> str:
         if sec is not None and hasattr(sec, "lora") and not sec.lora.enabled:
             hints.append(f"train LoRA adapters (--set {plan.stage}.lora.enabled=true): no gradients or Adam moments for the base weights")
         else:
-            hints.append("use GPUs with more memory or a smaller model: the float32 weights and resident models alone exceed one device "
-                         "(bf16 weights and sharding across GPUs are not available yet)")
+            hints.append("use GPUs with more memory or a smaller model: the float32 weights and resident models alone exceed one device")
+        from .stages import STAGES
+
+        if plan.stage in STAGES and STAGES[plan.stage].distributed:
+            hints.append("shard over more GPUs (--gpus N / hardware.gpus, --nodes M / hardware.nodes: weights, gradients and Adam "
+                         "moments are split N x M ways)")
+    if t.get("sampling_weights", 0) + t.get("kv_cache", 0) > budget or t.get("unshard", 0) > budget:
+        hints.append("this stage samples with (or gathers) the whole float32 policy on every GPU, which sharding does not reduce: "
+                     "use GPUs with more memory")
     if sec is not None and plan.peak_bytes - static > 0.25 * budget:
         if hasattr(sec, "gradient_checkpointing") and not sec.gradient_checkpointing:
             hints.append(f"turn on gradient checkpointing (--set {plan.stage}.gradient_checkpointing=true)")
-        if t.get("rollout_logits", 0) > 0.25 * budget:
-            hints.append(f"lower ppo.batch_size (now {sec.batch_size}: the log-probs of the whole rollout batch are computed at once)")
-        for key in ("micro_batch_size", "mini_batch_size"):
-            if getattr(sec, key, 1) > 1:
-                hints.append(f"lower {plan.stage}.{key} (now {getattr(sec, key)}; the optimiser batch stays the same)")
+        if plan.stage == "ppo" and not sec.micro_batch_size:
+            hints.append("set ppo.micro_batch_size (e.g. 4: the rollout log-probs and each mini-batch's gradient are computed "
+                         "that many rollouts at a time; same results)")
+        elif (getattr(sec, "micro_batch_size", 1) or 1) > 1:
+            hints.append(f"lower {plan.stage}.micro_batch_size (now {sec.micro_batch_size}; the optimiser batch stays the same)")
         for key in ("seq_len", "max_length"):
             if hasattr(sec, key):
                 hints.append(f"or a shorter {plan.stage}.{key} (now {getattr(sec, key)})")
@@ -271,11 +332,14 @@ def fix_for(plan: StagePlan, cfg: RunConfig, budget: float) -> str:
 
 
 def make_plan(cfg: RunConfig, shape: Shape, gpu_memory_gb: float | None = None, stages: list[str] | None = None,
-              headroom: float = 0.9) -> tuple[list[StagePlan], float, str]:
+              headroom: float = 0.9, gpus: int | None = None, nodes: int | None = None) -> tuple[list[StagePlan], float, str]:
     """Plans of the stages with `fits` and `fix` set against `headroom` x the device budget."""
     budget, what = device_budget(cfg, gpu_memory_gb)
+    setup = Setup.of(cfg, gpus, nodes, gpu="GPU" in what or gpu_memory_gb is not None or cfg.device == "cuda")
+    if setup.world > 1:
+        what += f", {setup.world} processes ({gpus or cfg.hardware.gpus} per node x {nodes or cfg.hardware.nodes} nodes)"
     usable = budget * headroom
-    plans = stage_plans(cfg, shape, stages)
+    plans = stage_plans(cfg, shape, stages, setup)
     for p in plans:
         p.fits = p.peak_bytes <= usable
         if not p.fits:

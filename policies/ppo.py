@@ -308,6 +308,8 @@ def run(ctx: StageContext) -> dict:
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
         n_updates = 0
         g = torch.Generator().manual_seed(ctx.seed + step)
+        if cfg.gradient_checkpointing:  # the updates only: rollouts sample with the KV cache
+            _lm(policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(prompts), generator=g)
             for i in range(0, len(prompts), cfg.mini_batch_size):
@@ -322,6 +324,8 @@ def run(ctx: StageContext) -> dict:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 n_updates += 1
+        if cfg.gradient_checkpointing:
+            _lm(policy).activation_checkpointing_disable()
         stats = {k: v / max(1, n_updates) for k, v in stats.items()}
         lengths = mask.sum(1)
         row = {

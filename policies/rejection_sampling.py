@@ -71,6 +71,8 @@ def run(ctx: StageContext) -> dict:
             candidates[i] += [(r, t) for r in rs]
     bar.close()
 
+    if ctx.device != "cpu":  # one model resident on the GPU at a time: the policy waits on the CPU while the RMs score
+        model.to("cpu")
     scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
     flat_prompts = [d for d, c in zip(dialogues, candidates) for _ in c]
     flat_texts = [text for c in candidates for text, _ in c]
@@ -119,6 +121,8 @@ def run(ctx: StageContext) -> dict:
         if key not in seen and s["response"].strip():
             seen.add(key)
             unique.append(s)
+    del scorer  # the reward models are done: free them before the policy trains
+    model.to(ctx.device)
     examples = [encode_dialogue(tok, [*s["prompt"], {"role": "assistant", "content": s["response"]}]) for s in unique]
     train_rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
     model = apply_lora(model, cfg.lora, ctx.device)

@@ -77,6 +77,8 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     if not train:
         raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
     model, tok = load_reward_model(_init_path(ctx), device)
+    if cfg.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora, device, task_type="SEQ_CLS")  # the scalar head trains in full (peft modules_to_save)
     model.train()
     check_divisible(cfg.batch_size, f"{ctx.stage}.batch_size")

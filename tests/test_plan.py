@@ -69,11 +69,11 @@ def test_estimates_within_25_percent_of_measured_cpu_peaks(case):
 
 
 def test_7b_full_fine_tune_on_one_24gb_gpu_is_refused_naming_stage_and_fix():
-    out = CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--gpu-memory", "24"])
+    out = CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--gpu-memory", "24", "--gpus", "1"])
     assert out.exit_code == 1
     assert "sft: needs about" in out.output and "--set sft.lora.enabled=true" in out.output
     assert "lower sft.micro_batch_size (now 4" in out.output
-    js = json.loads(CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--gpu-memory", "24", "--json"]).output)
+    js = json.loads(CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--gpu-memory", "24", "--gpus", "1", "--json"]).output)
     sft = next(s for s in js["stages"] if s["stage"] == "sft")
     assert js["params"] == 6_738_415_616 and not sft["fits"]  # the real Llama-2-7b parameter count
     assert sft["terms_gib"]["weights"] == pytest.approx(6_738_415_616 * 4 / GiB, rel=1e-3)
@@ -135,3 +135,33 @@ def test_gradient_checkpointing_gives_the_same_training_and_a_smaller_plan(tmp_p
     plain = {p.stage: p for p in make_plan(load_config("tiny"), shape)[0]}["sft"]
     ckpt = {p.stage: p for p in make_plan(load_config("tiny", ["sft.gradient_checkpointing=true"]), shape)[0]}["sft"]
     assert ckpt.terms["activations"] < plain.terms["activations"] and "gradient checkpointing" in ckpt.note
+
+
+def test_7b_preset_fits_one_node_of_8_gpus_and_sharding_divides_the_training_state():
+    out = CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--json"])  # hardware: 8 x 80 GB
+    assert out.exit_code == 0, out.output
+    js = json.loads(out.output)
+    assert all(s["fits"] for s in js["stages"]) and "8 processes" in js["device"]
+    cfg = load_config("llama2-7b", check_device=False)
+    shape = model_shape(cfg)
+    one = {p.stage: p for p in make_plan(cfg, shape, 80, gpus=1)[0]}
+    eight = {p.stage: p for p in make_plan(cfg, shape, 80, gpus=8)[0]}
+    for stage in ("sft", "reward_model_helpful", "rejection_sampling", "ghost_attention"):
+        for term in ("weights", "gradients", "optimizer"):
+            assert eight[stage].terms[term] == pytest.approx(one[stage].terms[term] / 8, rel=1e-6), (stage, term)
+        # gathering the whole model back at the end of training is the sharded run's own phase
+        assert eight[stage].terms["unshard"] >= shape.params * 4 and "unshard" not in one[stage].terms
+    assert eight["ppo"].terms["weights"] == one["ppo"].terms["weights"]  # PPO runs in one process: not sharded
+    assert not one["sft"].fits and eight["sft"].fits
+    # models that only sample and score are planned in the preset's dtype (bf16): half of float32
+    assert eight["evaluate"].terms["reward_models"] == 2 * shape.reward_model_params * 2
+
+
+def test_70b_preset_is_refused_naming_the_unsharded_sampling():
+    out = CliRunner().invoke(app, ["plan", "--config", "llama2-70b"])
+    assert out.exit_code == 1
+    assert "64 processes" in out.output and "whole float32 policy on every GPU" in out.output
+    cfg = load_config("llama2-70b", check_device=False)
+    assert cfg.reward_model_helpful.learning_rate == 5e-6 and cfg.ppo.beta == 0.005  # the paper's 70B numbers
+    plans = {p.stage: p for p in make_plan(cfg, model_shape(cfg), 80)[0]}
+    assert plans["sft"].terms["weights"] == pytest.approx(68_976_648_192 * 4 / 64, rel=1e-6)  # training state sharded 64 ways
