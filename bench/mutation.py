@@ -79,6 +79,8 @@ EQUIVALENT: dict[str, str] = {
     "policies.eval_stats.x__resample_indices__mutmut_4": "rng.integers(m, size) is rng.integers(0, m, size): low defaults to 0, same draws",
     "policies.ghost_attention.x_synthesis_context__mutmut_11": ("system_message(short=None) instead of short=False: "
                                                                  "`... if short else ...` treats None like False"),
+    "policies.rejection_sampling.x_reward_vs_k__mutmut_14": ("`if k < K` instead of `k <= K` when listing the k: "
+                                                              "k == K is added anyway by `| {K}`"),
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }
@@ -88,11 +90,19 @@ RECHECK = ROOT / "mutants" / "recheck.json"
 KILLED = {"killed", "timeout", "caught by type check"}
 
 
+# One OpenMP/intra-op thread in mutmut and its workers. mutmut forks each worker from a process in which torch
+# has already run OpenMP regions; with more than one thread, a forked worker's next parallel torch op waits on
+# the parent's thread team, which does not exist in the child, until the wall-clock limit fires: a deadlock
+# (0 CPU seconds, stuck in libgomp's gomp_team_barrier_wait_end) that mutmut records as a "timeout", i.e. a kill.
+SERIAL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_groups(names: list[str], max_children: int) -> int:
-    """One mutmut run over the groups' globs (mutants are generated and the test mapping collected once)."""
+    """One mutmut run over the groups' globs (mutants are generated and the test mapping collected once).
+    Naming the globs makes mutmut rerun every matching mutant, cached verdict or not."""
     cmd = ["nice", "-n", "10", *MUTMUT, "run", "--max-children", str(max_children), *(p for n in names for p in GROUPS[n])]
     print("$", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT)
+    return subprocess.call(cmd, cwd=ROOT, env={**os.environ, **SERIAL_ENV})
 
 
 def results() -> dict[str, str]:
@@ -115,7 +125,7 @@ def recheck(groups: list[str]) -> None:
     for name in survivors(groups):
         module = name.split(".x_")[0].split(".xǁ")[0]
         files = next(v for k, v in TESTS_FOR.items() if module == k or module.startswith(k + "."))
-        env = {**os.environ, "MUTANT_UNDER_TEST": name}
+        env = {**os.environ, **SERIAL_ENV, "MUTANT_UNDER_TEST": name}
         rc = subprocess.call(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                               "-p", "tests.mutation_plugin", *files], cwd=ROOT / "mutants", env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

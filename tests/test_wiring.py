@@ -497,6 +497,19 @@ def test_best_of_k_and_reward_vs_k():
     assert reward_vs_k(torch.zeros(2, 5))["k"] == [1, 2, 4, 5]
 
 
+def test_reward_vs_k_uses_every_listed_k_up_to_the_sample_count():
+    """The curve's k are 1, 2, 4, 8, 16, 32, 64, 100 (those <= K) and K itself, each over the FIRST k samples."""
+    from policies.rejection_sampling import reward_vs_k
+
+    r = torch.arange(3 * 128, dtype=torch.float32).reshape(3, 128) % 131  # the max moves with k
+    curve = reward_vs_k(r)
+    assert curve["k"] == [1, 2, 4, 8, 16, 32, 64, 100, 128]
+    assert curve["max"] == pytest.approx([float(r[:, :k].max(1).values.mean()) for k in curve["k"]])
+    assert curve["median"] == pytest.approx([float(r[:, :k].median(1).values.mean()) for k in curve["k"]])
+    assert reward_vs_k(r[:, :100])["k"] == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert reward_vs_k(r[:, :64])["k"] == [1, 2, 4, 8, 16, 32, 64]
+
+
 def _ins(category, text, short="", value="v"):
     from data_specs.schemas import GattInstruction
 
