@@ -11,6 +11,9 @@ Who does what:
   share of every step's rows (`share`), save resume checkpoints as full state dicts written by rank 0 and read
   by every rank (`save_train_state`/`load_train_state`), and hand the stage back a plain, unsharded model with
   the trained weights on every rank (`Sharded.unshard`);
+* PPO (`policies/ppo.py`) keeps its policy replicated (LoRA makes the trainable part small): each rank samples and
+  scores its share of the rollout prompts, `gather` puts the batch together on every rank, each rank takes its
+  share of every mini-batch, and `all_reduce_grads` sums the gradients before the identical optimiser steps;
 * nothing else in a stage knows how many processes there are.
 
 Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate 1.15 turns FSDP on only for GPU-family
@@ -20,6 +23,7 @@ calls underneath) runs on gloo (CPU) and NCCL (GPU) alike. DeepSpeed ZeRO-3 is n
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -44,10 +48,28 @@ class World:
         return self.size > 1
 
 
+_SOLO = False  # rank 0 builds a stage alone (`solo`): what the stage calls must not wait for the other ranks
+
+
 def world() -> World:
-    """This process's place, from the variables torchrun (or any launcher of torch.distributed) sets."""
+    """This process's place, from the variables torchrun (or any launcher of torch.distributed) sets; a single
+    process inside `solo()`."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))) if size > 1 else World()
+    if size <= 1 or _SOLO:
+        return World()
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def solo():
+    """Rank 0 runs a stage that does not shard (data, pretrained, ...) while the others wait: inside, every helper
+    here behaves as in one process (no collective the other ranks would never join)."""
+    global _SOLO
+    prev, _SOLO = _SOLO, True
+    try:
+        yield
+    finally:
+        _SOLO = prev
 
 
 def resolve_device(name: str) -> str:
@@ -82,10 +104,15 @@ def init(device: str) -> World:
 
 
 def _shutdown() -> None:
+    """Leave together, then tear the groups down: a rank whose group is destroyed while a peer still talks to it
+    aborts in gloo's threads ("terminate called without an active exception", SIGABRT) and torchrun reports failure."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # a peer that died already: nothing to wait for
+        dist.monitored_barrier(group=_CONTROL, timeout=timedelta(seconds=60))
+    dist.destroy_process_group()
 
 
 def tell(message: Any) -> None:
@@ -109,6 +136,33 @@ def share(items: Sequence, w: World | None = None) -> list:
     """This rank's share of a step's items: every `size`-th, starting at `rank`."""
     w = w or world()
     return list(items[w.rank :: w.size])
+
+
+def gather(mine: Sequence, w: World | None = None) -> list:
+    """The inverse of `share`: every rank's share put back in the original order, on every rank."""
+    w = w or world()
+    if not w.distributed:
+        return list(mine)
+    import torch.distributed as dist
+
+    parts: list = [None] * w.size
+    dist.all_gather_object(parts, list(mine), group=_CONTROL)
+    out: list = [None] * sum(len(p) for p in parts)
+    for rank, part in enumerate(parts):
+        out[rank :: w.size] = part
+    return out
+
+
+def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum the gradients of replicated parameters over the ranks (a rank that had no data adds zeros)."""
+    if not world().distributed:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def all_sum(value: float) -> float:

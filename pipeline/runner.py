@@ -323,7 +323,8 @@ class Runner:
                 if spec.distributed and self.world.distributed:
                     distributed.tell(("build", version, str(work)))
                     self._joined = True
-                metrics = fn(ctx) or {}
+                with contextlib.nullcontext() if spec.distributed else distributed.solo():
+                    metrics = fn(ctx) or {}
                 if (work / "metrics.jsonl").exists():
                     shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
                 finished = time.time()

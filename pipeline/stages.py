@@ -153,7 +153,7 @@ STAGES: dict[str, StageSpec] = {
                   ("best_reward", "median_reward", "gold_helpfulness_selected"), "rlhf", "Best-of-K by the combined reward, then fine-tune.", distributed=True),
         StageSpec("ppo", "policies.ppo:run", _ppo_inputs,
                   ("policies.ppo", "policies.ppo_math", "policies.generation", "reward_models", *COMMON), "model",
-                  ("reward", "kl", "stop_reason"), "rlhf", "PPO with the safety-gated, whitened reward and a KL penalty."),
+                  ("reward", "kl", "stop_reason"), "rlhf", "PPO with the safety-gated, whitened reward and a KL penalty.", distributed=True),
         StageSpec("ghost_attention", "policies.ghost_attention:run", _gatt_inputs,
                   ("policies.ghost_attention", "policies.trainer", "policies.generation", *COMMON), "model",
                   ("adherence_late_before", "adherence_late_after"), "rlhf", "Ghost Attention multi-turn data synthesis and fine-tuning.", distributed=True),

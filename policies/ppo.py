@@ -33,6 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
+from pipeline.distributed import all_reduce_grads, all_sum, gather, share
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy
 
@@ -41,7 +42,7 @@ from data_specs.schemas import messages_to_dicts
 from .common import demo_oracle, load_data, subsample
 from .generation import SamplingParams, generate
 from .ppo_math import entropy_from_logits, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
-from .trainer import apply_lora, load_checkpoint, merge_lora, save_checkpoint
+from .trainer import apply_lora, load_on_main as load_checkpoint, merge_lora, save_on_main as save_checkpoint
 
 
 class ValueHead(torch.nn.Module):
@@ -169,13 +170,16 @@ def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, bet
     return old_logp, old_values, kl, masked_whiten(adv, mask), returns
 
 
-def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, old_logp, old_values, adv, returns, cfg) -> dict:
+def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, old_logp, old_values, adv, returns, cfg,
+                        n_tokens: torch.Tensor | None = None) -> dict:
     """Backward of one PPO mini-batch (rollouts `idx`): clipped policy loss plus `vf_coef` x value loss, accumulated
     over pieces of `cfg.micro_batch_size` rollouts. Each piece's masked means, weighted by its share of the
     mini-batch's response tokens, add up to the mini-batch's: the gradient does not depend on the piece size.
+    `n_tokens`: the response tokens of the whole mini-batch when `idx` is one rank's share of it (default: idx's own).
     Returns the mini-batch's losses and statistics (floats); the caller steps the optimiser."""
     mask = batch["mask"]
-    n_tokens = mask[idx].sum().clamp(min=1)
+    if n_tokens is None:
+        n_tokens = mask[idx].sum().clamp(min=1)
     size = cfg.micro_batch_size or len(idx)
     stats = dict.fromkeys(("loss", "policy_loss", "value_loss", "clip_frac", "approx_kl", "entropy"), 0.0)
     for j in range(0, len(idx), size):
@@ -193,6 +197,19 @@ def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, ol
                      ("entropy", masked_mean(ent.detach(), mb["mask"]))):
             stats[k] += float(v.detach() * w)
     return stats
+
+
+def score_rollouts(scorer, dialogues, texts, is_safety) -> "Scores":
+    """Each rank scores its share of the rollouts; every rank gets the whole batch's scores, the combined reward
+    whitened over the whole batch (in one process: `scorer.score` itself)."""
+    from reward_models.combine import whiten
+    from reward_models.scoring import Scores
+
+    mine = scorer.score(share(dialogues), share(texts), share(is_safety), whiten=False)
+    cols = {k: torch.tensor(gather(getattr(mine, k).tolist()), dtype=torch.float32)
+            for k in ("r_helpful", "r_safety", "gated", "gated_logit")}
+    z = cols["gated_logit"]
+    return Scores(cols["r_helpful"], cols["r_safety"], cols["gated"], whiten(z) if z.numel() >= 2 else z, z)
 
 
 def finished(responses: list[list[int]], stops) -> torch.Tensor:
@@ -294,9 +311,10 @@ def run(ctx: StageContext) -> dict:
         dialogues = [messages_to_dicts(p.messages) for p in prompts]
         prompt_ids = [encode_prompt(tok, d) for d in dialogues]
         sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stops, seed=ctx.seed + step)
-        responses = [r[0] for r in generate(policy, prompt_ids, sp, n=1, pad_token_id=tok.pad_token_id)]
+        # several processes: each samples and scores its share of the prompts; every rank then holds the whole batch
+        responses = gather([r[0] for r in generate(policy, share(prompt_ids), sp, n=1, pad_token_id=tok.pad_token_id)])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
-        sc = scorer.score(dialogues, texts, [p.is_safety for p in prompts])
+        sc = score_rollouts(scorer, dialogues, texts, [p.is_safety for p in prompts])
         done = finished(responses, stops)
         batch = {k: v.to(device) for k, v in build_batch(prompt_ids, responses, tok.pad_token_id).items()}
         mask = batch["mask"]
@@ -315,7 +333,12 @@ def run(ctx: StageContext) -> dict:
             for i in range(0, len(prompts), cfg.mini_batch_size):
                 idx = perm[i : i + cfg.mini_batch_size].to(device)
                 opt.zero_grad(set_to_none=True)
-                mb_stats = minibatch_gradients(policy, head, critic, batch, idx, old_logp, old_values, adv, returns, cfg)
+                # several processes: each takes its share of the mini-batch; the gradients are summed over ranks
+                mine = idx[share(range(len(idx)))]
+                mb_stats = minibatch_gradients(policy, head, critic, batch, mine, old_logp, old_values, adv, returns, cfg,
+                                               n_tokens=mask[idx].sum().clamp(min=1))
+                mb_stats = {k: all_sum(v) for k, v in mb_stats.items()}
+                all_reduce_grads(params)
                 if not math.isfinite(mb_stats["loss"]):  # fail the stage, not just this mini-batch loop (issue 12.7)
                     raise StageFailed(f"ppo: non-finite loss ({mb_stats['loss']}) at step {step} (policy {mb_stats['policy_loss']}, "
                                       f"value {mb_stats['value_loss']}); the last good checkpoint is step {good['step']} in {ckpt}")

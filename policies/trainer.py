@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline.chat import IGNORE
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
-from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, share
+from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, share, world
 from pipeline.io import fsync_path
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
@@ -291,6 +291,18 @@ def evaluate_loss(model, rows: Sequence[PackedRow], micro_batch_size: int, devic
         count += n
     model.train(was_training)
     return total / max(1, count)
+
+
+def save_on_main(path: Path, **state) -> None:
+    """save_checkpoint by rank 0 alone (every rank holds the same replicated state); the others wait for it."""
+    if world().is_main:
+        save_checkpoint(path, **state)
+    barrier()
+
+
+def load_on_main(path: Path, required: Sequence[str] = ("step",)) -> dict | None:
+    """load_checkpoint decided by rank 0 (which may set an unreadable file aside), the same state on every rank."""
+    return from_main(load_checkpoint(path, required=required) if world().is_main else None)
 
 
 def save_train_state(ctx, path: Path, sharded, opt, sched, step: int) -> None:

@@ -20,7 +20,7 @@ from pipeline.registry import Registry
 pytestmark = pytest.mark.integration
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
-TRAINING = ("sft", "reward_model_helpful", "reward_model_safety", "rejection_sampling", "ghost_attention")
+TRAINING = ("sft", "reward_model_helpful", "reward_model_safety", "rejection_sampling")  # and ghost_attention, below
 
 
 def rlhf(*args, timeout=600, **kw):
@@ -87,13 +87,37 @@ def test_two_processes_build_the_same_versions_with_the_same_losses(two_process_
         # and the same gradient: its norm (before clipping) is that of the global batch, not a rank's share or mean
         ga, gb = losses(one, "grad_norm"), losses(two, "grad_norm")
         assert len(ga) == len(a) and all(abs(x - y) <= 1e-3 * x for x, y in zip(ga, gb)), (stage, ga, gb)
-    assert reg.find("ppo", 1).manifest["world_size"] == 1  # PPO runs on rank 0 alone
+    # PPO in 2 processes: each rank samples half of every rollout batch, so the rollouts (and losses) differ from one
+    # process's; the split of each mini-batch's gradient is checked exactly in tests/test_scale.py
+    ppo = reg.find("ppo", 1)
+    assert ppo.manifest["world_size"] == 2 and ppo.metrics["stop_reason"] == "completed"
+    rows = [json.loads(line) for line in ppo.file("metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == list(range(len(rows)))
+    assert all(r["response_length"] > 0 and abs(r["kl"]) < 1.0 for r in rows)
+    assert reg.find("evaluate", 1).manifest["world_size"] == 1  # evaluate runs on rank 0 alone
     # one artifact per (stage, round), no leftovers; rank 1 wrote nothing into the registry
     for stage_dir in (run / "artifacts").iterdir():
         assert len([d for d in stage_dir.iterdir() if not d.name.startswith(".")]) == 1, stage_dir
     assert not list(run.rglob("*.build*")) and not list(run.rglob("*rank1*"))
     # rank 0 alone prints: one summary table
     assert p.stdout.count("finished:") == 1
+
+
+def test_ghost_attention_in_two_processes_equals_one(two_process_run, tmp_path):
+    """GAtt starts from the round's PPO policy, which 2 processes sample differently: rebuild it in 2 processes on a
+    copy of the single-process registry (same PPO policy) and compare with the single-process GAtt."""
+    run0, arts, _ = two_process_run
+    cfg_dir = Path(arts[("data", 0)].path).parents[2]
+    run = tmp_path / "run"
+    shutil.copytree(cfg_dir / "artifacts", run / "artifacts", ignore=lambda d, names: [n for n in names if n in ("ghost_attention", "evaluate")])
+    p = rlhf("stage", "ghost_attention", "--round", "1", *_tiny(run), "--nproc", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    one, two = arts[("ghost_attention", 1)], Registry(run).find("ghost_attention", 1)
+    assert two.version == one.version and two.manifest["world_size"] == 2
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) > 0 and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (a, b)
+    ga, gb = losses(one, "grad_norm"), losses(two, "grad_norm")
+    assert all(abs(x - y) <= 1e-3 * x for x, y in zip(ga, gb)), (ga, gb)
 
 
 def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run, tmp_path):

@@ -125,3 +125,34 @@ def test_models_loaded_to_score_take_the_inference_dtype(tok, tmp_path):
     assert torch.allclose(scores["bfloat16"].gated_logit, scores["float32"].gated_logit, atol=0.05)
     auto = StageContext("evaluate", 1, "v", load_config("tiny", [f"run_dir={tmp_path}", "dtype=auto"]), {}, tmp_path, tmp_path, registry=None)
     assert auto.inference_dtype == "float32"  # auto on the CPU: float32 (bf16 only on a GPU)
+
+
+def test_ppo_gradient_split_over_ranks_sums_to_the_whole_minibatch(tok):
+    """What `rlhf stage ppo --nproc N` does: each rank backpropagates its `share` of the mini-batch with the whole
+    mini-batch's token count, `all_reduce_grads` sums; the sum must be the one-process gradient."""
+    from pipeline.distributed import World, share
+    from policies.ppo import advantages, minibatch_gradients
+
+    policy, ref, head, batch = _ppo_setup(tok)
+    scores = torch.tensor([1.0, -0.5, 0.2, 0.7, -1.2, 0.4])
+    old_logp, old_values, _, adv, returns = advantages(policy, head, None, ref, batch, scores, 0.1, 1.0, 0.95)
+    old_logp = old_logp + 0.3 * torch.randn_like(old_logp) * batch["mask"]
+    idx = torch.tensor([5, 0, 3, 2, 4])
+    n_tokens = batch["mask"][idx].sum()
+    params = list(policy.parameters()) + list(head.parameters())
+    cfg = SimpleNamespace(micro_batch_size=1, temperature=1.0, clip=0.2, value_clip=0.2, vf_coef=0.1)
+
+    def grads(sub, n=None):
+        for p in params:
+            p.grad = None
+        stats = minibatch_gradients(policy, head, None, batch, sub, old_logp, old_values, adv, returns, cfg, n_tokens=n)
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params], stats
+
+    whole, whole_stats = grads(idx)
+    parts = [grads(idx[share(range(len(idx)), World(r, 2))], n_tokens) for r in range(2)]
+    for a, b, c in zip(whole, parts[0][0], parts[1][0]):
+        assert torch.allclose(a, b + c, atol=1e-6, rtol=1e-4)
+    assert parts[0][1]["loss"] + parts[1][1]["loss"] == pytest.approx(whole_stats["loss"], rel=1e-5)
+    # without the whole mini-batch's token count each rank would average its own share: a different gradient
+    wrong = [grads(idx[share(range(len(idx)), World(r, 2))])[0] for r in range(2)]
+    assert not all(torch.allclose(a, b + c, atol=1e-6, rtol=1e-4) for a, b, c in zip(whole, *wrong))
