@@ -251,7 +251,7 @@ def _peak(terms: dict[str, int]) -> dict[str, Any]:
 
 
 def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
-    """PPO runs in one process (rank 0 when there are several): nothing is sharded."""
+    """PPO keeps its policy, reference and reward models whole in every process (replicated data parallel): nothing is sharded."""
     pc = cfg.ppo
     seq = PROMPT_TOKENS + pc.max_new_tokens
     micro = pc.micro_batch_size or pc.mini_batch_size
@@ -270,7 +270,7 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     return StagePlan("ppo", peak, terms, f"micro-batch {micro} x {seq} tokens, "
                      + ("LoRA (reference = adapters off)" if pc.lora.enabled else "full fine-tuning with a frozen reference copy")
                      + (", gradient checkpointing" if pc.gradient_checkpointing else "")
-                     + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; one process (not sharded)")
+                     + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; replicated in every process (not sharded)")
 
 
 # ---------------------------------------------------------------------------------------- budget and fixes
