@@ -393,6 +393,55 @@ def test_aux_safety_loss_is_bce_on_labelled_responses_only():
         aux_safety_loss(torch.tensor([-3.0]), torch.tensor([3.0]), [(True, False)])
 
 
+def test_aux_safety_loss_targets_live_on_the_logits_device():
+    """The labels tensor is built on the rewards' device (meta tensors stand in for a GPU here)."""
+    from reward_models.train import aux_safety_loss
+
+    r = torch.zeros(2, device="meta")
+    assert aux_safety_loss(r, r, [(True, None), (False, True)]).device.type == "meta"
+
+
+def test_accuracy_report_on_known_rewards(monkeypatch):
+    """accuracy_report's arithmetic on fixed rewards (the reward model replaced by a lookup table): overall and
+    per-strength accuracy (ties half, no strength counted as the weakest), mean margin chosen - rejected, the
+    20-bin histogram over [min, max] of both sides, the raw rewards, and the device handed to the scorer."""
+    import reward_models.train as train
+    from data_specs.schemas import Comparison
+
+    rewards = {"c0": 2.1, "c1": 1.1, "c2": -0.9, "c3": 0.6, "c4": 0.1, "c5": 3.0,
+               "r0": 1.1, "r1": 1.1, "r2": 0.6, "r3": 0.1, "r4": 1.1, "r5": -2.0}
+    devices = []
+
+    def fake_score(model, tok, prompts, responses, max_length, device="unset"):
+        devices.append(device)
+        return torch.tensor([rewards[r] for r in responses])
+
+    monkeypatch.setattr(train, "score", fake_score)
+    strengths = ["significantly_better", "better", "better", "slightly_better", None, "negligibly_better_or_unsure"]
+    comps = [Comparison.model_validate(_cmp(f"q{i}", f"c{i}", f"r{i}", strength=s)) for i, s in enumerate(strengths)]
+    out = train.accuracy_report(None, None, comps, 64, "cuda:3")
+    assert devices == ["cuda:3", "cuda:3"]
+    assert out["accuracy"] == pytest.approx(3.5 / 6) and out["n_eval"] == 6
+    assert out["mean_margin"] == pytest.approx((1.0 + 0.0 - 1.5 + 0.5 - 1.0 + 5.0) / 6)
+    assert out["accuracy_by_strength"] == {"significantly_better": {"accuracy": 1.0, "n": 1},
+                                           "better": {"accuracy": 0.25, "n": 2},
+                                           "slightly_better": {"accuracy": 1.0, "n": 1},
+                                           "negligibly_better_or_unsure": {"accuracy": 0.5, "n": 2}}
+    assert (out["accuracy_significantly_better"], out["accuracy_better"], out["accuracy_slightly_better"],
+            out["accuracy_negligibly_better_or_unsure"]) == (1.0, 0.25, 1.0, 0.5)
+    hist = out["reward_histogram"]
+    assert len(hist["edges"]) == 21 and hist["edges"][0] == -2.0 and hist["edges"][-1] == pytest.approx(3.0, abs=1e-5)
+    # bins of width 0.25 from -2; the maximum (3.0) falls in the last bin
+    chosen, rejected = [0] * 20, [0] * 20
+    for b in (16, 12, 4, 10, 8, 19):
+        chosen[b] += 1
+    for b in (12, 12, 10, 8, 12, 0):
+        rejected[b] += 1
+    assert hist["chosen"] == chosen and hist["rejected"] == rejected
+    assert out["_rewards"] == (pytest.approx([2.1, 1.1, -0.9, 0.6, 0.1, 3.0]), pytest.approx([1.1, 1.1, 0.6, 0.1, 1.1, -2.0]))
+    assert train.accuracy_report(None, None, [], 64, "cpu") == {}
+
+
 def _comparisons(n_help, n_safe):
     from data_specs.schemas import Comparison
 
