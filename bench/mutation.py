@@ -81,6 +81,9 @@ EQUIVALENT: dict[str, str] = {
                                                                  "`... if short else ...` treats None like False"),
     "policies.rejection_sampling.x_reward_vs_k__mutmut_14": ("`if k < K` instead of `k <= K` when listing the k: "
                                                               "k == K is added anyway by `| {K}`"),
+    **{f"reward_models.scoring.xǁRewardScorerǁscore__mutmut_{i}": (
+        "torch.tensor(is_safety) without dtype=torch.bool: the three gate functions read the flags only through "
+        "`is_safety.bool()`, and torch already infers bool from a list of bools") for i in (33, 35)},
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }
@@ -102,6 +105,7 @@ def run_groups(names: list[str], max_children: int) -> int:
     Naming the globs makes mutmut rerun every matching mutant, cached verdict or not."""
     cmd = ["nice", "-n", "10", *MUTMUT, "run", "--max-children", str(max_children), *(p for n in names for p in GROUPS[n])]
     print("$", " ".join(cmd), flush=True)
+    forget_rechecks(names)
     return subprocess.call(cmd, cwd=ROOT, env={**os.environ, **SERIAL_ENV})
 
 
@@ -114,6 +118,15 @@ def results() -> dict[str, str]:
             if res.get(name) in ("survived", "no tests") and verdict == "killed":
                 res[name] = "killed"
     return res
+
+
+def forget_rechecks(groups: list[str]) -> None:
+    """Drop the --recheck verdicts of `groups`: a fresh mutmut run re-judges them, and after a source edit mutmut
+    renumbers a function's mutants, so a recheck verdict kept under the old name would judge another mutant."""
+    if RECHECK.is_file():
+        done = json.loads(RECHECK.read_text())
+        RECHECK.write_text(json.dumps({n: v for n, v in done.items()
+                                       if not any(fnmatch.fnmatch(n, p) for g in groups for p in GROUPS[g])}, indent=1))
 
 
 def recheck(groups: list[str]) -> None:

@@ -640,3 +640,61 @@ def test_scorer_from_a_stage_context_loads_each_model_from_its_input(two_rms):
     s, ts = load_reward_model(s_path)
     assert torch.allclose(out.r_helpful, torch.sigmoid(score(h, th, prompts, texts, 72)), atol=1e-6)
     assert torch.allclose(out.r_safety, torch.sigmoid(score(s, ts, prompts, texts, 72)), atol=1e-6)
+
+
+def test_scorer_applies_its_threshold_to_the_gate_the_combined_reward_and_the_gated_logit(two_rms):
+    """A threshold between the safety scores of non-safety prompts sends some to R_s and some to R_h; the gate,
+    the combined reward and the gated logit all use the scorer's threshold (not the 0.15 default)."""
+    from reward_models.combine import gate_logits, gate_reward
+    from reward_models.model import load_reward_model, score
+    from reward_models.scoring import RewardScorer
+
+    h_path, s_path = two_rms
+    prompts = [d for d in DIALOGUES for _ in range(2)]
+    texts = ["The capital of Zarnia is Velmor.", "No.", "7 plus 5 is 12.", "12", "I can't help with that.", "Sure."]
+    flags = [False, False, False, False, False, True]
+    s, ts = load_reward_model(s_path)
+    h, th = load_reward_model(h_path)
+    zs, zh = score(s, ts, prompts, texts, 64), score(h, th, prompts, texts, 64)
+    rs = torch.sigmoid(zs)
+    below, above = sorted(rs[:5].tolist())[1:3]
+    thr = (below + above) / 2  # two non-safety prompts gated to R_s by the threshold alone, three to R_h
+    f = torch.tensor(flags)
+    assert not torch.equal(gate_logits(zs, zh, f, thr), gate_logits(zs, zh, f, 0.15))  # the data tells them apart
+    sc = RewardScorer(h_path, s_path, threshold=thr, max_length=64)
+    out = sc.score(prompts, texts, flags)
+    assert torch.allclose(out.gated, gate_reward(rs, torch.sigmoid(zh), f, thr), atol=1e-6)
+    assert torch.allclose(out.gated_logit, gate_logits(zs, zh, f, thr), atol=1e-5)
+    assert torch.allclose(sc.score(prompts, texts, flags, whiten=False).combined, gate_logits(zs, zh, f, thr), atol=1e-5)
+
+
+def test_scorer_loads_and_scores_on_its_device_and_dtype(monkeypatch):
+    """Device and inference dtype reach both model loads and both scoring passes (recorded by stand-ins, so no
+    GPU is needed); the defaults are the paper's gate threshold 0.15 and Llama 2's 4096-token context."""
+    import reward_models.scoring as scoring
+
+    loads, passes = [], []
+
+    def fake_load(path, device="default", dtype="default"):
+        loads.append((str(path), device, dtype))
+        return torch.nn.Identity(), SimpleNamespace(name=str(path))
+
+    def fake_score(model, tok, prompts, responses, max_length, device="default"):
+        passes.append((tok.name, max_length, device))
+        return torch.zeros(len(responses), dtype=torch.bfloat16)
+
+    monkeypatch.setattr(scoring, "load_reward_model", fake_load)
+    monkeypatch.setattr(scoring, "score", fake_score)
+    sc = scoring.RewardScorer("h", "s", device="cuda:1", threshold=0.3, max_length=50, dtype="bfloat16")
+    assert loads == [("h", "cuda:1", "bfloat16"), ("s", "cuda:1", "bfloat16")]
+    out = sc.score(DIALOGUES[:2], ["a", "b"], [False, True])
+    assert passes == [("h", 50, "cuda:1"), ("s", 50, "cuda:1")] and out.r_helpful.dtype == torch.float32
+    default = scoring.RewardScorer("h", "s")
+    assert (default.device, default.threshold, default.max_length) == ("cpu", 0.15, 4096)
+    assert loads[-2:] == [("h", "cpu", "float32"), ("s", "cpu", "float32")]
+    loads.clear()
+    cfg = load_config("tiny", ["reward_model_helpful.max_length=40", "reward_model_safety.max_length=72"])
+    arts = {"reward_model_helpful": _art(Path("h")), "reward_model_safety": _art(Path("s"))}
+    ctx = SimpleNamespace(config=cfg, device="cuda:1", inference_dtype="bfloat16", input=arts.__getitem__)
+    scoring.RewardScorer.from_inputs(ctx)
+    assert loads == [("h", "cuda:1", "bfloat16"), ("s", "cuda:1", "bfloat16")]
