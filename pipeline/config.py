@@ -69,6 +69,20 @@ class GenerationConfig(_Cfg):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend: hf (always) or vllm (GPU, when installed).")
 
 
+class EngineConfig(_Cfg):
+    """How a stage samples: the engine and its knobs (the stage's own keys give temperature and max_new_tokens)."""
+
+    backend: Literal["hf", "vllm"] = Field("hf", description="hf: our engine on transformers (always works, the reference for "
+                                            "correctness); vllm: vLLM on a GPU (pip install -e '.[vllm]'), loading the stage's policy "
+                                            "from its registry folder.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1: no filtering).")
+    max_batch_tokens: int = Field(16384, ge=64, description="Tokens per generation batch, rows x (prompt + new tokens): the KV "
+                                  "cache's size (hf); vLLM's max_num_batched_tokens.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs one engine spans.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM: share of the GPU's memory for its weights and KV "
+                                          "cache (the stage's own models need the rest).")
+
+
 class DataSource(_Cfg):
     path: str = Field(..., description="File (JSONL/JSON/Parquet), directory, or hub dataset name ('hub:' prefix forces the hub).")
     format: Literal["auto", "own", "trl", "hh_rlhf", "mapped"] = Field("auto", description="Record format adapter.")
@@ -164,6 +178,7 @@ class CollectPreferencesConfig(_Cfg):
     annotator_noise: float = Field(0.1, ge=0, description="Std of the noise the simulated annotator adds to gold scores.")
     max_new_tokens: int = Field(256, ge=1, description="Longest sampled response.")
     export_unlabeled: bool = Field(True, description="Write unlabeled pairs as JSONL for human labelling.")
+    generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
 class RewardModelConfig(_Cfg):
@@ -205,9 +220,18 @@ class RejectionSamplingConfig(TrainConfig):
     rescore_earlier: bool = Field(True, description="Re-score earlier rounds' best samples with this round's reward models and keep, per prompt, the best of all iterations (sec. 3.2.3); false keeps every earlier best as it was selected.")
     safety_threshold: float = Field(0.15, gt=0, lt=1, description="Combined-reward gate on the safety score (sec. 3.2.3: 0.15).")
     min_reward_gap: float = Field(0.0, ge=0, description="Keep a prompt's best sample only when its combined reward beats the prompt's median by at least this much; 0 keeps every prompt (the paper). Skips prompts the reward models cannot tell apart.")
+    generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
 class PPOConfig(_Cfg):
+    @model_validator(mode="after")
+    def _rollouts_on_hf(self):
+        if self.generation.backend != "hf":
+            raise ValueError("generation.backend: PPO samples from the policy it is training, and handing its weights (or LoRA "
+                             "adapters) to vLLM every iteration is not implemented yet; use 'hf' for PPO (the other sampling "
+                             "stages take 'vllm')")
+        return self
+
     steps: int = Field(200, ge=1, description="PPO iterations (sec. 3.2.3: 200-400).")
     batch_size: int = Field(512, ge=1, description="Rollouts per iteration (sec. 3.2.3: 512).")
     mini_batch_size: int = Field(64, ge=1, description="Rollouts per gradient step; one step per mini-batch (sec. 3.2.3: 64).")
@@ -242,6 +266,7 @@ class PPOConfig(_Cfg):
     share_value_trunk: bool = Field(True, description="Value head on the policy trunk (saves a model copy) instead of a separate critic.")
     checkpoint_every: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled.")
+    generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
 class GhostAttentionConfig(TrainConfig):
@@ -263,6 +288,7 @@ class GhostAttentionConfig(TrainConfig):
         if self.filter == "checker" and not self.filter_checker:
             raise ValueError("ghost_attention.filter: checker needs ghost_attention.filter_checker ('module:function')")
         return self
+    generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
 class EvaluateConfig(_Cfg):
@@ -273,6 +299,7 @@ class EvaluateConfig(_Cfg):
     gatt_dialogues: int = Field(30, ge=1, description="Dialogues of the multi-turn adherence check.")
     hacking_tolerance: float = Field(0.02, ge=0, description="Flag reward hacking when reward rises while gold helpfulness falls by more than this.")
     judge: str = Field("rm", pattern=r"^(rm|command:\s*\S.*)$", description="Pairwise judge of the win rates outside the demo (the demo also judges with its gold oracle): 'rm' (the optimised reward models; not independent) or 'command: <shell command>' reading JSONL {prompt, a, b} on stdin and writing one {\"winner\": \"a\"|\"b\"|\"tie\"} line per pair (e.g. an LLM-as-judge).")
+    generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
 class TrackingConfig(_Cfg):
@@ -586,6 +613,17 @@ def require_device(cfg: RunConfig) -> None:
         why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
         raise ConfigError(f"device: 'cuda' is not available here ({why}; torch {torch.__version__}). "
                           "Allowed on this machine: 'auto' (uses CUDA when present) or 'cpu'.")
+    vllm = [f"{stage}.generation.backend" for stage in SAMPLING_STAGES if getattr(cfg, stage).generation.backend == "vllm"]
+    if vllm:
+        import importlib.util
+
+        why = ("vllm is not installed (pip install -e '.[vllm]', on a machine with a CUDA GPU)" if importlib.util.find_spec("vllm") is None
+               else "vLLM needs a CUDA GPU and none is visible" if not _cuda_available() or cfg.device == "cpu" else "")
+        if why:
+            raise ConfigError(f"{', '.join(vllm)}: 'vllm' cannot run here: {why}. Allowed here: 'hf'.")
+
+
+SAMPLING_STAGES = ("collect_preferences", "rejection_sampling", "ppo", "ghost_attention", "evaluate")  # the sections with `generation`
 
 
 def load_config(config: str = "demo", overrides: list[str] | None = None, *, check_device: bool = True,

@@ -27,6 +27,7 @@ from pipeline.models import load_policy
 from data_specs.schemas import Comparison, Message, Prompt, messages_to_dicts
 
 from .common import demo_oracle, load_data, sample_replies, subsample
+from .generation import engine_for
 
 
 def sample_pairs(ctx: StageContext) -> list[dict]:
@@ -36,15 +37,17 @@ def sample_pairs(ctx: StageContext) -> list[dict]:
     model, tok = load_policy(ctx.input("policy").path, ctx.device, dtype=ctx.inference_dtype)
     dialogues = [messages_to_dicts(p.messages) for p in prompts]
     temps = [cfg.temperatures[i % len(cfg.temperatures)] for i in range(cfg.responses_per_prompt)]
+    model = engine_for(cfg, model, ctx.input("policy").path)
     sources = [(model, t, "policy") for t in sorted(set(temps))]
     if cfg.base_responses:  # a different model variant, as the paper's annotators compared (sec. 3.2.1)
         base, _ = load_policy(ctx.input("pretrained").path, ctx.device, dtype=ctx.inference_dtype)
-        sources.append((base, max(cfg.temperatures), "pretrained"))
+        sources.append((engine_for(cfg, base, ctx.input("pretrained").path), max(cfg.temperatures), "pretrained"))
     responses: list[list[tuple[str, float, str]]] = [[] for _ in prompts]
     bar = ctx.progress(len(prompts) * len(sources), "sample", unit="prompt")
     for k, (m, t, name) in enumerate(sources):
         n = temps.count(t) if name == "policy" else cfg.base_responses
-        replies = sample_replies(m, tok, dialogues, n, cfg.max_new_tokens, t, ctx.seed + 1000 * k, progress=bar.update)
+        replies = sample_replies(m, tok, dialogues, n, cfg.max_new_tokens, t, ctx.seed + 1000 * k, top_p=cfg.generation.top_p,
+                                 progress=bar.update, max_batch_tokens=cfg.generation.max_batch_tokens)
         for i, rs in enumerate(replies):
             responses[i] += [(r, t, name) for r in rs]
     bar.close()

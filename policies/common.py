@@ -38,14 +38,15 @@ def subsample(records: Sequence, n: int, seed: int) -> list:
 
 
 def sample_replies(model, tok, dialogues: Sequence[Sequence[dict]], n: int, max_new_tokens: int, temperature: float, seed: int,
-                   top_p: float = 1.0, progress=None) -> list[list[str]]:
-    """n replies per dialogue (lists of {"role", "content"}), through the one generation engine."""
+                   top_p: float = 1.0, progress=None, max_batch_tokens: int = 16384) -> list[list[str]]:
+    """n replies per dialogue (lists of {"role", "content"}), through the one generation interface: `model` is a
+    causal LM (our engine on transformers) or a VLLMBackend (`generation.engine_for`)."""
     from .generation import SamplingParams, generate
 
     prompts = [encode_prompt(tok, d) for d in dialogues]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             stop_token_ids=stop_token_ids(tok), seed=seed)
-    outs = generate(model, prompts, params, n=n, pad_token_id=tok.pad_token_id, progress=progress)
+    outs = generate(model, prompts, params, n=n, pad_token_id=tok.pad_token_id, progress=progress, max_batch_tokens=max_batch_tokens)
     return [[decode_response(tok, ids) for ids in per_prompt] for per_prompt in outs]
 
 

@@ -33,6 +33,7 @@ from reward_models.losses import pairwise_accuracy
 from data_specs.schemas import messages_to_dicts
 
 from .common import demo_oracle, gold_report, load_data, sample_replies, subsample
+from .generation import engine_for
 from .eval_stats import N_BOOT, bootstrap_ci, compare_to_baselines, excludes, reward_hacking_tests, win_outcomes
 from .ghost_attention import adherence_by_turn, get_checker, late, user_pool
 
@@ -153,12 +154,14 @@ def run(ctx: StageContext) -> dict:
     scorer = RewardScorer.from_inputs(ctx)
 
     policies = {"policy": ctx.input("policy"), "previous": ctx.input("previous_policy"), "sft": ctx.input("sft")}
-    replies, scores, models = {}, {}, {}
+    replies, scores, models, engines = {}, {}, {}, {}
     for name, art in policies.items():
         model, tok = load_policy(art.path, device, dtype=ctx.inference_dtype)
         models[name] = model
         # the same prompts and sampling seed every round, so rounds are compared on equal terms
-        replies[name] = [r[0] for r in sample_replies(model, tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed)]
+        engines[name] = engine_for(cfg, model, art.path)
+        replies[name] = [r[0] for r in sample_replies(engines[name], tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed,
+                                                      top_p=cfg.generation.top_p, max_batch_tokens=cfg.generation.max_batch_tokens)]
         scores[name] = scorer.score(dialogues, replies[name], safety, whiten=False)
     mine = scores["policy"]
     seed = ctx.config.seed
@@ -240,7 +243,8 @@ def run(ctx: StageContext) -> dict:
         metrics.update(gold["policy"])
         metrics.update({f"sft_{k}": v for k, v in gold["sft"].items()})
         metrics.update({f"previous_{k}": v for k, v in gold["previous"].items()})
-        greedy = {name: [r[0] for r in sample_replies(models[name], tok, dialogues, 1, cfg.max_new_tokens, 0.0, seed)]
+        greedy = {name: [r[0] for r in sample_replies(engines[name], tok, dialogues, 1, cfg.max_new_tokens, 0.0, seed,
+                                                      max_batch_tokens=cfg.generation.max_batch_tokens)]
                   for name in policies}
         safe_idx = [i for i, p in enumerate(prompts) if p.is_safety]
         border_idx = [i for i, p in enumerate(prompts) if p.category == "borderline"]

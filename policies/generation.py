@@ -168,7 +168,7 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n:
         raise ValueError(f"n must be >= 1, got {n}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if len(p) == 0)} is empty; every prompt needs a token")
-    if backend == "vllm":
+    if backend == "vllm" or isinstance(model, VLLMBackend):
         engine = model if isinstance(model, VLLMBackend) else VLLMBackend.load(model)
         return engine.generate(prompts, params, n)
     if backend != "hf":
@@ -214,13 +214,24 @@ class VLLMBackend:
         self.llm = LLM(model=str(model_path), **llm_kwargs)
 
     @classmethod
-    def load(cls, model_path) -> "VLLMBackend":
+    def load(cls, model_path, **llm_kwargs) -> "VLLMBackend":
+        """The engine of the checkpoint at `model_path` (cached per path and settings)."""
         if not isinstance(model_path, (str, Path)):
             raise TypeError("the vllm backend needs the policy's checkpoint path (str or Path), not an in-memory model")
-        key = str(model_path)
+        key = str(model_path) + repr(sorted(llm_kwargs.items()))
         if key not in _VLLM_ENGINES:
-            _VLLM_ENGINES[key] = cls(key)
+            _VLLM_ENGINES[key] = cls(str(model_path), **llm_kwargs)
         return _VLLM_ENGINES[key]
+
+
+def engine_for(section, model, path):
+    """What a stage samples with, by its `generation` section: `model` itself (hf), or the vLLM engine of the
+    checkpoint at `path` (the registry folder `model` was loaded from)."""
+    g = section.generation
+    if g.backend == "vllm":
+        return VLLMBackend.load(path, tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
+                                max_num_batched_tokens=g.max_batch_tokens)
+    return model
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[list[list[int]]]:
         from vllm import SamplingParams as VSP

@@ -29,6 +29,7 @@ from pipeline.models import load_policy, save_policy
 from data_specs.schemas import GattInstruction
 
 from .common import demo_oracle, load_data, sample_replies
+from .generation import engine_for
 from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
 
 Checker = Callable[[Sequence[GattInstruction], str], bool]
@@ -163,11 +164,13 @@ def run(ctx: StageContext) -> dict:
         n_turns = rng.randint(2, cfg.turns)
         dialogs.append({"instructions": ins, "users": [rng.choice(users) for _ in range(n_turns)], "replies": [],
                         "short": rng.random() < cfg.shorten_prob})
+    sampler = engine_for(cfg, model, ctx.input("policy").path)
     bar = ctx.progress(cfg.turns, "synthesize turns", unit="turn")
     for t in range(cfg.turns):
         active = [d for d in dialogs if len(d["users"]) > t]
         convs = [synthesis_context(d["instructions"], d["users"][: t + 1], d["replies"], cfg.synthesis) for d in active]
-        replies = sample_replies(model, tok, convs, 1, cfg.max_new_tokens, cfg.temperature, ctx.seed + 100 + t)
+        replies = sample_replies(sampler, tok, convs, 1, cfg.max_new_tokens, cfg.temperature, ctx.seed + 100 + t,
+                                 top_p=cfg.generation.top_p, max_batch_tokens=cfg.generation.max_batch_tokens)
         for d, r in zip(active, replies):
             d["replies"].append(r[0] or "...")
         bar.update(1)

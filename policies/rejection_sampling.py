@@ -22,6 +22,7 @@ from pipeline.models import load_policy, save_policy
 from data_specs.schemas import messages_to_dicts
 
 from .common import demo_oracle, load_data, sample_replies, subsample
+from .generation import engine_for
 from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
 
 
@@ -65,8 +66,10 @@ def run(ctx: StageContext) -> dict:
     # K samples per prompt at each temperature
     candidates: list[list[tuple[str, float]]] = [[] for _ in prompts]
     bar = ctx.progress(len(prompts) * len(cfg.temperatures), f"best-of-{cfg.k} sampling", unit="prompt")
+    sampler = engine_for(cfg, model, ctx.input("policy").path)
     for t in cfg.temperatures:
-        replies = sample_replies(model, tok, dialogues, cfg.k, cfg.max_new_tokens, t, ctx.seed + int(t * 1000), progress=bar.update)
+        replies = sample_replies(sampler, tok, dialogues, cfg.k, cfg.max_new_tokens, t, ctx.seed + int(t * 1000), top_p=cfg.generation.top_p,
+                                 progress=bar.update, max_batch_tokens=cfg.generation.max_batch_tokens)
         for i, rs in enumerate(replies):
             candidates[i] += [(r, t) for r in rs]
     bar.close()

@@ -396,7 +396,8 @@ def _snapshot(run_dir: Path) -> dict:
 
 
 # stages whose metrics do not depend on wall-clock time (durations and rates do, and are skipped)
-TIMING_KEYS = ("seconds", "tokens_per_s", "pairs_per_s", "samples_per_s", "duration", "time", "_s", "resumed_from_step")
+TIMING_KEYS = ("seconds", "tokens_per_s", "pairs_per_s", "samples_per_s", "duration", "time", "_s", "resumed_from_step",
+               "peak_memory")  # measurements of the process, not results
 
 
 def _stable_metrics(metrics: dict) -> dict:
