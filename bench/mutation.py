@@ -84,6 +84,18 @@ EQUIVALENT: dict[str, str] = {
     **{f"reward_models.scoring.xǁRewardScorerǁscore__mutmut_{i}": (
         "torch.tensor(is_safety) without dtype=torch.bool: the three gate functions read the flags only through "
         "`is_safety.bool()`, and torch already infers bool from a list of bools") for i in (33, 35)},
+    **{f"pipeline.registry.xǁRegistryǁ_live_status__mutmut_{i}": (
+        "locks.lease_state(path) without the lease just read: lease_state re-reads the same file (only a write "
+        "between the two reads could tell them apart)") for i in (28, 30)},
+    "pipeline.registry.xǁRegistryǁlineage__mutmut_17": "parent = '' instead of None on a corrupt manifest: both are falsy, the same 'missing' node",
+    **{f"pipeline.registry.xǁRegistryǁrepair__mutmut_{i}": (
+        "a corrupt manifest's artifact found by _artifact_dir_of(path) instead of path.parent: for "
+        "artifacts/<stage>/<dir>/manifest.json both are artifacts/<stage>/<dir>") for i in (27, 32, 33)},
+    "pipeline.registry.xǁRegistryǁrepair__mutmut_78": ("work dir name r<round>-<version> split at the last dash instead of the "
+                                                       "first: versions are hex (no dash; build keys depend on it), one dash"),
+    **{name: ("a manifest without finished_at ranks as 1 instead of 0: finished_at is a Unix time (> 1e9), so it "
+              "ranks oldest either way") for name in ("pipeline.registry.xǁRegistryǁfind__mutmut_36",
+                                                       "pipeline.registry.xǁRegistryǁversions__mutmut_16")},
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }
