@@ -325,6 +325,10 @@ class RunConfig(_Cfg):
     run_dir: str = Field("runs/demo", description="Where artifacts, logs and W&B files go.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default).")
+    artifact_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype of the model artifacts the stages write (policies and reward models: consolidated "
+        "safetensors that from_pretrained loads). auto: bfloat16 on a GPU, float32 on the CPU. A stage that trains on an "
+        "artifact loads it as float32 master weights.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights dtype of the models loaded to sample and score (reward models, the policies that collect "
         "preferences and are evaluated). auto: bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slower). Models "
@@ -348,7 +352,7 @@ class RunConfig(_Cfg):
         """The resolved config a stage's version depends on: its own section plus the run-level
         settings every stage uses (seed, data, and the demo model for `pretrained`)."""
         own = getattr(self, stage).model_dump(mode="json") if stage in STAGE_SECTIONS else {}
-        return {"stage": own, "seed": self.seed, "data": self.data.model_dump(mode="json"), "dtype": self.dtype}
+        return {"stage": own, "seed": self.seed, "data": self.data.model_dump(mode="json"), "dtype": self.dtype, "artifact_dtype": self.artifact_dtype}
 
 
 STAGE_SECTIONS = (

@@ -54,6 +54,13 @@ class StageContext:
             return "bfloat16" if self.device == "cuda" else "float32"
         return self.config.dtype
 
+    @property
+    def artifact_dtype(self) -> str:
+        """The dtype model artifacts are saved in (`artifact_dtype`; auto: bfloat16 on a GPU)."""
+        if self.config.artifact_dtype == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        return self.config.artifact_dtype
+
     def input(self, role: str) -> Artifact:
         if role not in self.inputs:
             raise StageFailed(f"stage {self.stage} round {self.round} has no input {role!r} (has: {', '.join(self.inputs)})")

@@ -126,9 +126,21 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     return model, tok
 
 
-def save_policy(model, tokenizer, out_dir: str | Path) -> None:
-    """Weights as safetensors plus the tokenizer (with its chat template)."""
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+def save_policy(model, tokenizer, out_dir: str | Path, dtype: str | None = None) -> None:
+    """Weights as safetensors (cast to `dtype` when given: the model in memory is left as it is) plus the tokenizer
+    (with its chat template)."""
+    if dtype is None or getattr(model, "dtype", None) == _torch_dtype(dtype):
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+    else:
+        import json
+
+        target = _torch_dtype(dtype)
+        state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state)
+        config = Path(out_dir) / "config.json"  # transformers writes the in-memory dtype: say what the file holds
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["dtype"] = dtype
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tokenizer.save_pretrained(str(out_dir))
 
 

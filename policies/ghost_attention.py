@@ -194,7 +194,7 @@ def run(ctx: StageContext) -> dict:
     model = apply_lora(model, cfg.lora, ctx.device)
     train = train_causal_lm(model, rows, [], cfg, ctx, seed=ctx.seed)
     model = merge_lora(model).eval()
-    save_policy(model, tok, ctx.out_dir)
+    save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
     after, after_unseen = adherence(model, pool), adherence(model, eval_pool)
     metrics = {

@@ -402,7 +402,7 @@ def run(ctx: StageContext) -> dict:
         else:
             policy, tok = load_policy(ctx.input("policy").path, device)
     policy = merge_lora(policy).eval()
-    save_policy(policy, tok, ctx.out_dir)
+    save_policy(policy, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
     save_value_head(head, ctx.out_dir)
     first, last = history[0] if history else {}, history[-1] if history else {}
     summary = {

@@ -131,7 +131,7 @@ def run(ctx: StageContext) -> dict:
     model = apply_lora(model, cfg.lora, ctx.device)
     train_metrics = train_causal_lm(model, train_rows, [], cfg, ctx, seed=ctx.seed)
     model = merge_lora(model).eval()
-    save_policy(model, tok, ctx.out_dir)
+    save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
     curve = reward_vs_k(rewards)
     metrics = {

@@ -38,7 +38,7 @@ def run(ctx: StageContext) -> dict:
     model = apply_lora(model, cfg.lora, ctx.device)
     metrics = train_causal_lm(model, train_rows, eval_rows, cfg, ctx, seed=ctx.seed)
     model = merge_lora(model).eval()
-    save_policy(model, tok, ctx.out_dir)
+    save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
     metrics.update({"n_examples": len(examples), "packed_rows": len(train_rows)})
     metrics.update(gold_metrics(ctx, model, tok))
     return metrics

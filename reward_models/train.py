@@ -142,7 +142,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     bar.close()
     elapsed = time.time() - t0
     model.eval()
-    save_policy(model, tok, ctx.out_dir)
+    save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
                "world_size": sharded.world.size,

@@ -156,3 +156,24 @@ def test_ppo_gradient_split_over_ranks_sums_to_the_whole_minibatch(tok):
     # without the whole mini-batch's token count each rank would average its own share: a different gradient
     wrong = [grads(idx[share(range(len(idx)), World(r, 2))])[0] for r in range(2)]
     assert not all(torch.allclose(a, b + c, atol=1e-6, rtol=1e-4) for a, b, c in zip(whole, *wrong))
+
+
+def test_artifacts_are_saved_in_the_artifact_dtype_and_train_as_float32(tok, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from pipeline.context import StageContext
+    from pipeline.models import load_policy, save_policy
+
+    model = tiny_llama(tok, seed=4)
+    save_policy(model, tok, tmp_path / "bf16", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.float32  # the model in memory is left alone
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    again, _ = load_policy(tmp_path / "bf16")  # a stage that trains loads float32 master weights
+    w, w2 = model.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight
+    assert w2.dtype == torch.float32 and torch.equal(w2, w.to(torch.bfloat16).float()) and not torch.equal(w2, w)
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    assert StageContext("sft", 0, "v", cfg, {}, tmp_path, tmp_path, registry=None).artifact_dtype == "float32"  # auto on the CPU
