@@ -207,6 +207,8 @@ class RewardModelConfig(_Cfg):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (same results, "
                                          "less memory; see `rlhf plan`).")
+    template_pairs: int | None = Field(None, ge=1, description="Off-policy template pairs (eval_comparisons.jsonl) scored for "
+                                       "template_accuracy: a seeded subset of this many (None: all of them).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA on the reward model's transformer (the scalar head "
                              "trains in full); merged into the saved reward model.")
 

@@ -206,7 +206,9 @@ def run(ctx: StageContext) -> dict:
         for name, comps in sets.items():
             if not comps:
                 continue
-            rep = accuracy_report(model, t, comps, scorer.max_length, device)
+            bar = ctx.progress(2 * len(comps), f"score {name} ({kind} RM)", unit="seq")
+            rep = accuracy_report(model, t, comps, scorer.max_length, device, progress=bar.update)
+            bar.close()
             metrics[f"{name}_{kind}"] = rep["accuracy"]
             metrics[f"{name}_{kind}_n"] = rep["n_eval"]
             if rep.get("_rewards"):  # per comparison: chosen beats rejected (ties half), resampled over comparisons

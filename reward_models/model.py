@@ -64,8 +64,8 @@ def forward_rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device: s
 
 @torch.no_grad()
 def score(model, tok, prompts: Sequence[Sequence[dict]], responses: Sequence[str], max_length: int, device: str = "cpu",
-          batch_size: int = 64) -> torch.Tensor:
-    """(N,) raw rewards of responses to prompts; batches sorted by length to avoid padding."""
+          batch_size: int = 64, progress=None) -> torch.Tensor:
+    """(N,) raw rewards of responses to prompts; batches sorted by length to avoid padding. progress(k) after each batch."""
     seqs = [encode_pair(tok, p, r, max_length) for p, r in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs))
@@ -74,6 +74,8 @@ def score(model, tok, prompts: Sequence[Sequence[dict]], responses: Sequence[str
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         out[idx] = forward_rewards(model, [seqs[j] for j in idx], tok.pad_token_id, device).cpu()
+        if progress is not None:
+            progress(len(idx))
     model.train(was_training)
     return out
 

@@ -154,6 +154,18 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
         return [c for c in comps if c.is_safety_prompt == (kind == "safety")] or list(comps)
 
     templates = own(load_data(ctx, "eval_comparisons.jsonl", "preference"))
+    if cfg.template_pairs is not None and len(templates) > cfg.template_pairs:  # a seeded subset: the CPU budget
+        import random
+
+        templates = random.Random(ctx.seed).sample(templates, cfg.template_pairs)
+
+    def report(comps, what):  # scoring a 135M model's held-out pairs on a CPU takes minutes: show it
+        bar = ctx.progress(2 * len(comps), f"score {what}", unit="seq")
+        try:
+            return accuracy_report(model, tok, comps, cfg.max_length, device, progress=bar.update)
+        finally:
+            bar.close()
+
     # `accuracy` (Llama 2 Table 8): held-out ON-POLICY comparisons (sampled from the round's policies by
     # collect_preferences, split by prompt), in this RM's own domain; the off-policy template pairs of
     # eval_comparisons.jsonl are a separate metric, `template_accuracy*`. Only when nothing was held out
@@ -165,10 +177,10 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     write_jsonl(ctx.out_dir / HELD_OUT_FILE, held_own)
     metrics["n_held_out_prompts"] = len({prompt_key(c) for c in held})
     if held_own:
-        metrics.update(accuracy_report(model, tok, held_own, cfg.max_length, device))
+        metrics.update(report(held_own, "held-out pairs"))
         metrics["accuracy_source"] = source
     if templates:
-        rep = accuracy_report(model, tok, templates, cfg.max_length, device)
+        rep = report(templates, "template pairs")
         metrics.update({f"template_{k}": v for k, v in rep.items() if not isinstance(v, tuple) and k != "reward_histogram"})
         if not held_own:
             metrics.update(rep)
@@ -198,13 +210,14 @@ def aux_safety_loss(rc: torch.Tensor, rr: torch.Tensor, labels: list[tuple[bool 
     return F.binary_cross_entropy_with_logits(r[keep], target)
 
 
-def accuracy_report(model, tok, comparisons: list[Comparison], max_length: int, device: str) -> dict:
-    """Held-out accuracy overall and per preference strength (Llama 2 Table 8 shape), mean margin."""
+def accuracy_report(model, tok, comparisons: list[Comparison], max_length: int, device: str, progress=None) -> dict:
+    """Held-out accuracy overall and per preference strength (Llama 2 Table 8 shape), mean margin.
+    progress(k) as sequences are scored (2 per comparison)."""
     if not comparisons:
         return {}
     prompts = [messages_to_dicts(c.prompt) for c in comparisons]
-    rc = score(model, tok, prompts, [c.chosen for c in comparisons], max_length, device)
-    rr = score(model, tok, prompts, [c.rejected for c in comparisons], max_length, device)
+    rc = score(model, tok, prompts, [c.chosen for c in comparisons], max_length, device, progress=progress)
+    rr = score(model, tok, prompts, [c.rejected for c in comparisons], max_length, device, progress=progress)
     out = {"accuracy": float(pairwise_accuracy(rc, rr)), "mean_margin": float((rc - rr).mean()), "n_eval": len(comparisons)}
     by = {}
     for s in STRENGTHS:

@@ -412,8 +412,10 @@ def test_accuracy_report_on_known_rewards(monkeypatch):
                "r0": 1.1, "r1": 1.1, "r2": 0.6, "r3": 0.1, "r4": 1.1, "r5": -2.0}
     devices = []
 
-    def fake_score(model, tok, prompts, responses, max_length, device="unset"):
+    def fake_score(model, tok, prompts, responses, max_length, device="unset", progress=None):
         devices.append(device)
+        if progress is not None:
+            progress(len(responses))
         return torch.tensor([rewards[r] for r in responses])
 
     monkeypatch.setattr(train, "score", fake_score)
