@@ -199,7 +199,13 @@ def run(ctx: StageContext) -> dict:
     templates = load_data(ctx, "eval_comparisons.jsonl", "preference")
     for kind, model, t in (("helpful", scorer.helpful, scorer.tok_h), ("safety", scorer.safety, scorer.tok_s)):
         held = held_out_comparisons(ctx.input(f"reward_model_{kind}").file(HELD_OUT_FILE))
-        sets = {"rm_accuracy": held, "rm_template_accuracy": [c for c in templates if c.is_safety_prompt == (kind == "safety")] or templates}
+        own = [c for c in templates if c.is_safety_prompt == (kind == "safety")] or templates
+        cap = getattr(ctx.config, f"reward_model_{kind}").template_pairs  # the RM stage's seeded subset, here too
+        if cap is not None and len(own) > cap:
+            import random
+
+            own = random.Random(seed).sample(own, cap)
+        sets = {"rm_accuracy": held, "rm_template_accuracy": own}
         if not held and templates:  # nothing held out (or an older RM artifact): say that the headline is the template pairs
             sets["rm_accuracy"] = sets["rm_template_accuracy"]
         metrics[f"rm_accuracy_{kind}_source"] = "held_out_on_policy" if held else ("template_pairs" if templates else None)
