@@ -11,8 +11,9 @@ mutmut copies the tree into mutants/ (git-ignored), records which fast tests rea
 selection in pyproject.toml: no tiny-pipeline fixture) and runs, for each mutant, only those tests.
 A group is a set of mutant-name globs (`module.x_function__mutmut_N`), so the stage `run` bodies, which only
 the tiny pipeline exercises (tests/test_invariants.py, tests/test_stages.py), can be left out of a group and
-reported as such. Score = killed (incl. timeouts) / (mutants - equivalent); survivors judged equivalent are
-listed in EQUIVALENT with the reason, and in docs/notes/mutation.md.
+reported as such. Score = killed (incl. timeouts) / (checked mutants - equivalent); mutants mutmut has not run
+(new, or reset after a source edit) are counted apart as "not checked". Survivors judged equivalent are
+listed in EQUIVALENT with the reason, and in the README's "Mutation testing" section.
 """
 from __future__ import annotations
 
@@ -161,13 +162,14 @@ def recheck(groups: list[str]) -> None:
 
 def table(groups: list[str]) -> str:
     res = results()
-    lines = ["| group | mutants | killed | of which timeouts | survived | no tests | equivalent | score |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| group | mutants | not checked | killed | of which timeouts | survived | no tests | equivalent | score |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for g in groups:
         names = [n for n in res if any(fnmatch.fnmatch(n, p) for p in GROUPS[g])]
         st = [res[n] for n in names if res[n] != "not checked"]
+        unchecked = len(names) - len(st)  # new since the last run, or reset by mutmut after a source edit
         if not st:
-            lines.append(f"| {g} | {len(names)} | not run | | | | | |")
+            lines.append(f"| {g} | {len(names)} | not run | | | | | | |")
             continue
         equiv = sum(1 for n in names if n in EQUIVALENT and res[n] != "not checked")
         killed = sum(s in KILLED for s in st)
@@ -175,8 +177,8 @@ def table(groups: list[str]) -> str:
         no_tests = st.count("no tests")
         survived = sum(s not in KILLED for s in st) - no_tests - equiv
         denom = len(st) - equiv
-        lines.append(f"| {g} | {len(st)} | {killed} | {timeouts} | {survived} | {no_tests} | {equiv} | "
-                     f"{100 * killed / max(1, denom):.0f}% |")
+        lines.append(f"| {g} | {len(names)} | {unchecked} | {killed} | {timeouts} | {survived} | {no_tests} | {equiv} | "
+                     f"{100 * killed / max(1, denom):.0f}%{' of the checked' if unchecked else ''} |")
     return "\n".join(lines)
 
 
