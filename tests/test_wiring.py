@@ -444,6 +444,21 @@ def test_accuracy_report_on_known_rewards(monkeypatch):
     assert train.accuracy_report(None, None, [], 64, "cpu") == {}
 
 
+def test_margin_and_ranking_loss_edges():
+    """A bad rating names the allowed ones; the margin takes the rewards' dtype (a float32 margin does not
+    turn a bf16 reward model's loss into float32)."""
+    from reward_models.losses import margin_for, ranking_loss
+
+    with pytest.raises(ValueError) as e:
+        margin_for("great", "small")
+    assert str(e.value) == ("preference strength must be one of significantly_better, better, slightly_better, "
+                            "negligibly_better_or_unsure or None; got 'great'")
+    rc, rr = torch.tensor([1.0, 0.5], dtype=torch.bfloat16), torch.tensor([0.0, 0.5], dtype=torch.bfloat16)
+    loss = ranking_loss(rc, rr, torch.tensor([1 / 3, 0.0]))
+    assert loss.dtype == torch.bfloat16
+    assert float(loss) == pytest.approx(float(-F.logsigmoid(torch.tensor([1.0 - 1 / 3, 0.0])).mean()), rel=1e-2)
+
+
 def _comparisons(n_help, n_safe):
     from data_specs.schemas import Comparison
 
