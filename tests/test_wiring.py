@@ -459,6 +459,23 @@ def test_margin_and_ranking_loss_edges():
     assert float(loss) == pytest.approx(float(-F.logsigmoid(torch.tensor([1.0 - 1 / 3, 0.0])).mean()), rel=1e-2)
 
 
+def test_gate_threshold_default_strictness_and_whiten_edges():
+    """The gate's default is the paper's 0.15 and strict (R_s < threshold); combined_reward passes its threshold
+    on; whitening a constant is 0 (not NaN) and a one-entry mask centres on that entry."""
+    from reward_models.combine import combined_reward, combined_reward_from_logits, gate_logits, whiten
+
+    zs, zh, no = torch.tensor([0.0, -3.0]), torch.tensor([2.0, 5.0]), torch.tensor([False, False])
+    # sigmoid(0) = 0.5 is above 0.15 (helpful side); sigmoid(-3) = 0.047 is below it (safety side)
+    assert torch.equal(gate_logits(zs, zh, no), torch.tensor([2.0, -3.0]))
+    assert torch.equal(combined_reward_from_logits(zs, zh, no, whiten_output=False), torch.tensor([2.0, -3.0]))
+    assert torch.equal(gate_logits(zs, zh, no, 0.5), torch.tensor([2.0, -3.0]))  # sigmoid(0) == 0.5 is not below 0.5
+    rs, rh = torch.tensor([0.3, 0.9]), torch.tensor([0.8, 0.2])
+    assert torch.allclose(combined_reward(rs, rh, no, 0.5, whiten_output=False), torch.logit(torch.tensor([0.3, 0.2])))
+    assert torch.equal(whiten(torch.full((4,), 3.0)), torch.zeros(4))
+    one = whiten(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([False, True, False]))
+    assert float(one[1]) == 0.0 and float(one[0]) < 0 < float(one[2])
+
+
 def _comparisons(n_help, n_safe):
     from data_specs.schemas import Comparison
 
