@@ -97,6 +97,18 @@ EQUIVALENT: dict[str, str] = {
     **{name: ("a manifest without finished_at ranks as 1 instead of 0: finished_at is a Unix time (> 1e9), so it "
               "ranks oldest either way") for name in ("pipeline.registry.xǁRegistryǁfind__mutmut_36",
                                                        "pipeline.registry.xǁRegistryǁversions__mutmut_16")},
+    **{f"policies.ppo_math.x_logprobs_from_logits__mutmut_{i}": (
+        "a dim of the per-row (A, V) log-softmax / gather / (un)squeeze written as +1 or None instead of -1: on "
+        "2-D rows (logits are (B, A, V), iterated row by row) and 1-D labels they are the same dimension")
+        for i in (10, 12, 13, 15, 18, 20)},
+    **{f"policies.ppo_math.x_per_token_rewards__mutmut_{i}": why for i, why in (
+        (24, "-2 instead of -1 as the 'no real token' sentinel: only `last >= 0` reads it"),
+        (30, "nonzero() of a 1-D tensor is (N, 1): squeeze(+1) is squeeze(-1)"),
+        (31, "squeeze(-2) leaves (N, 1) index tensors (or (1,) when N = 1): the same elements get the score"),
+        (5, "the bool mask instead of mask.to(kl.dtype) in a product: bool * float promotes to the same floats"))},
+    "policies.ppo_math.x_masked_whiten__mutmut_25": "out * mask without .to(x.dtype): bool * float promotes to the same floats",
+    "policies.ppo_math.x_gae__mutmut_4": ("the bool mask instead of mask.to(rewards.dtype): gae only multiplies by it, and "
+                                          "bool * float promotes to the same floats"),
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }

@@ -184,6 +184,23 @@ def _row(**kw):
     return row
 
 
+def test_ppo_math_edges_one_token_responses_constant_advantages_default_lambda():
+    """A one-token response gets its score on that token; whitening constant values gives 0 (not NaN); GAE's
+    default lambda is 0.95."""
+    from policies.ppo_math import gae, masked_whiten, per_token_rewards
+
+    mask = torch.tensor([[True, False, False], [True, True, False], [False, False, False]])
+    kl = torch.full((3, 3), 0.5)
+    r = per_token_rewards(torch.tensor([2.0, 3.0, 4.0]), kl, mask, beta=0.1)
+    assert torch.allclose(r, torch.tensor([[-0.05 + 2.0, 0, 0], [-0.05, -0.05 + 3.0, 0], [0, 0, 0]]))
+    assert torch.equal(masked_whiten(torch.full((2, 3), 1.5), mask[:2]), torch.zeros(2, 3))
+    rewards, values = torch.tensor([[0.0, 1.0, 0.5]]), torch.tensor([[0.2, -0.1, 0.3]])
+    m = torch.ones(1, 3, dtype=torch.bool)
+    for got, want in zip(gae(rewards, values, m), gae(rewards, values, m, lam=0.95)):
+        assert torch.equal(got, want)
+    assert not torch.equal(gae(rewards, values, m)[0], gae(rewards, values, m, lam=0.9)[0])
+
+
 def test_ppo_guards_stop_exactly_past_their_boundaries():
     from policies.ppo import guard
 
