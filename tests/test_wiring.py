@@ -431,6 +431,7 @@ def test_accuracy_report_on_known_rewards(monkeypatch):
 
     def fake_score(model, tok, prompts, responses, max_length, device="unset", progress=None):
         devices.append(device)
+        ticks.append(progress)
         if progress is not None:
             progress(len(responses))
         return torch.tensor([rewards[r] for r in responses])
@@ -438,8 +439,9 @@ def test_accuracy_report_on_known_rewards(monkeypatch):
     monkeypatch.setattr(train, "score", fake_score)
     strengths = ["significantly_better", "better", "better", "slightly_better", None, "negligibly_better_or_unsure"]
     comps = [Comparison.model_validate(_cmp(f"q{i}", f"c{i}", f"r{i}", strength=s)) for i, s in enumerate(strengths)]
-    out = train.accuracy_report(None, None, comps, 64, "cuda:3")
-    assert devices == ["cuda:3", "cuda:3"]
+    ticks, scored = [], []
+    out = train.accuracy_report(None, None, comps, 64, "cuda:3", progress=scored.append)
+    assert devices == ["cuda:3", "cuda:3"] and ticks == [scored.append, scored.append] and scored == [6, 6]
     assert out["accuracy"] == pytest.approx(3.5 / 6) and out["n_eval"] == 6
     assert out["mean_margin"] == pytest.approx((1.0 + 0.0 - 1.5 + 0.5 - 1.0 + 5.0) / 6)
     assert out["accuracy_by_strength"] == {"significantly_better": {"accuracy": 1.0, "n": 1},
