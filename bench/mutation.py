@@ -109,6 +109,10 @@ EQUIVALENT: dict[str, str] = {
     "policies.ppo_math.x_masked_whiten__mutmut_25": "out * mask without .to(x.dtype): bool * float promotes to the same floats",
     "policies.ppo_math.x_gae__mutmut_4": ("the bool mask instead of mask.to(rewards.dtype): gae only multiplies by it, and "
                                           "bool * float promotes to the same floats"),
+    "policies.trainer.x_pack_examples__mutmut_2": ("truncate when len(ids) >= seq_len instead of >: an example of exactly "
+                                                   "seq_len tokens sliced [-seq_len:] is the same list"),
+    "policies.trainer.x_token_loss_sum__mutmut_27": ("F.cross_entropy without ignore_index=IGNORE: its default ignore_index "
+                                                     "is -100, which is IGNORE"),
     "policies.eval_stats.x_bootstrap_ci__mutmut_24": ("`stat is np.mean and False` sends np.mean through the generic path, "
                                                       "np.array([np.mean(arr[i]) for i in idx]): the same numbers, slower"),
 }

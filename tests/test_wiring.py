@@ -289,6 +289,32 @@ def test_packing_is_first_fit_decreasing_with_restarting_positions(tok):
     assert batch["input_ids"].shape[1] == last + 1
 
 
+def test_packing_fills_rows_first_fit_decreasing_exactly():
+    """Lengths 2, 7, 5, 3, 3 into rows of 10: longest first, each into the first row with room (a row that is
+    exactly full counts), giving two full rows; in index order, or smallest first, it would take three."""
+    from policies.trainer import pack_examples
+
+    examples = [([t] * n, [t] * n) for t, n in zip((11, 12, 13, 14, 15), (2, 7, 5, 3, 3))]
+    rows = pack_examples(examples, 10, 0)
+    assert [r.length for r in rows] == [10, 10]
+    assert rows[0].input_ids == [12] * 7 + [14] * 3  # 7 then the first 3 (examples keep their order in a row)
+    assert rows[1].input_ids == [11] * 2 + [13] * 5 + [15] * 3
+    assert rows[1].position_ids == [0, 1, 0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_collate_puts_every_tensor_on_its_device_and_keeps_a_column_for_answerless_rows():
+    """collate builds the batch on the requested device (meta stands in for a GPU) and, for rows without any
+    answer token, keeps one column rather than an empty batch."""
+    from policies.trainer import PackedRow, collate
+
+    rows = [PackedRow([5, 6, 0, 0], [IGNORE, 6, IGNORE, IGNORE], [0, 1, 0, 1], 2)]
+    batch = collate(rows, device="meta")
+    assert {k: (v.device.type, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)} == {
+        "input_ids": ("meta", (1, 2)), "labels": ("meta", (1, 2)), "position_ids": ("meta", (1, 2))}
+    empty = collate([PackedRow([5, 6, 0], [IGNORE] * 3, [0, 1, 0], 2)])
+    assert empty["input_ids"].tolist() == [[5]] and empty["labels"].tolist() == [[IGNORE]]
+
+
 def test_an_over_long_example_keeps_its_answer(tok):
     from policies.trainer import pack_examples
 
