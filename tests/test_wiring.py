@@ -100,6 +100,23 @@ def test_ppo_logprobs_are_the_full_forward_at_the_positions_that_predict_each_re
             assert torch.allclose(ent[i, : len(r)], -(lp.exp() * lp).sum(-1), atol=1e-5)
 
 
+def test_ppo_logprobs_are_those_of_the_rollout_temperature(tok, model):
+    """Log-probs and entropy are those of softmax(logits / T), the distribution the rollouts were sampled from;
+    T = 1 and T = 0 (greedy) leave the logits as they are."""
+    from policies.ppo import build_batch, forward_policy
+
+    prompts, responses = _rollouts(tok)
+    batch = build_batch(prompts, responses, tok.pad_token_id)
+    i, (p, r) = 0, (prompts[0], responses[0])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) - 1 + len(r)].float()
+        for t in (0.7, 2.0, 1.0, 0.0):
+            logp, ent, _ = forward_policy(model, None, None, batch, with_values=False, temperature=t)
+            lp = F.log_softmax(logits / (t if t > 0 else 1.0), -1)
+            assert torch.allclose(logp[i, : len(r)], lp.gather(-1, torch.tensor(r).unsqueeze(-1)).squeeze(-1), atol=1e-5), t
+            assert torch.allclose(ent[i, : len(r)], -(lp.exp() * lp).sum(-1), atol=1e-5), t
+
+
 def test_ppo_values_come_from_the_same_positions_on_the_trunk_or_the_critic(tok, model, ref):
     from policies.ppo import ValueHead, build_batch, forward_policy
 
