@@ -569,4 +569,18 @@ def main() -> None:  # pragma: no cover - console entry
 
 
 if __name__ == "__main__":  # pragma: no cover
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a process of `--nproc N` / torchrun: leave together (distributed.leave)
+        from .distributed import leave
+
+        try:
+            app()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # noqa: BLE001 - print it, then leave with the others
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        leave(code)
     sys.exit(app())
