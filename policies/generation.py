@@ -224,15 +224,6 @@ class VLLMBackend:
         return _VLLM_ENGINES[key]
 
 
-def engine_for(section, model, path):
-    """What a stage samples with, by its `generation` section: `model` itself (hf), or the vLLM engine of the
-    checkpoint at `path` (the registry folder `model` was loaded from)."""
-    g = section.generation
-    if g.backend == "vllm":
-        return VLLMBackend.load(path, tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
-                                max_num_batched_tokens=g.max_batch_tokens)
-    return model
-
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int) -> list[list[list[int]]]:
         from vllm import SamplingParams as VSP
 
@@ -249,3 +240,13 @@ def engine_for(section, model, path):
                 per_prompt.append(ids)
             result.append(per_prompt)
         return result
+
+
+def engine_for(section, model, path):
+    """What a stage samples with, by its `generation` section: `model` itself (hf), or the vLLM engine of the
+    checkpoint at `path` (the registry folder `model` was loaded from)."""
+    g = section.generation
+    if g.backend == "vllm":
+        return VLLMBackend.load(path, tensor_parallel_size=g.tensor_parallel_size, gpu_memory_utilization=g.gpu_memory_utilization,
+                                max_num_batched_tokens=g.max_batch_tokens)
+    return model

@@ -134,3 +134,16 @@ def test_a_stage_samples_with_its_generation_settings(stage, tiny_run, tmp_path,
     art = Runner(tuned, echo=None, show_progress=False).run_stage(stage, 1).artifact
     assert art.version != arts[(stage, 1)].version
     assert seen and all(s == (0.85, 512) for s in seen[: 1 + (stage == "collect_preferences")])
+
+
+def test_engine_for_gives_the_model_for_hf_and_the_vllm_engine_has_the_contracts_generate(checkpoint):
+    """`generate` hands a VLLMBackend to its own `generate` method; that method must exist even where vllm
+    cannot run here (it once ended up nested, unreachable, under `engine_for`)."""
+    import inspect
+
+    from pipeline.config import EngineConfig
+    from policies.generation import VLLMBackend, engine_for
+
+    model, path, _, _ = checkpoint
+    assert engine_for(type("S", (), {"generation": EngineConfig()})(), model, path) is model
+    assert list(inspect.signature(VLLMBackend.generate).parameters) == ["self", "prompts", "params", "n"]
