@@ -174,7 +174,6 @@ def stage(
     """Run (or rerun) one stage; its inputs are the versions the config implies (or --input), read from the registry."""
     from .context import StageFailed
     from .errors import Interrupted
-    from .stages import STAGES
 
     if name not in STAGES:
         _fail(f"error: unknown stage {name!r}; stages: {', '.join(STAGES)}")
@@ -191,8 +190,6 @@ def stage(
 
 
 def _headline(artifact) -> dict:
-    from .stages import STAGES
-
     spec = STAGES.get(artifact.stage)
     keys = spec.headline if spec else ()
     return {k: artifact.metrics[k] for k in keys if k in artifact.metrics}
@@ -218,8 +215,6 @@ def status_rows(run_dir: str) -> list[dict]:
             rows.append({"stage": att["stage"], "round": att["round"], "version": att.get("version"), "status": att["status"],
                          "inputs": {}, "metrics": {}, "error": att.get("error"), "duration_s": None, "path": None,
                          "lease": att.get("lease")})
-    from .stages import STAGES
-
     order = {s: i for i, s in enumerate(STAGES)}
     rows.sort(key=lambda r: (r["round"], order.get(r["stage"], 99)))
     return rows
@@ -237,8 +232,6 @@ def status(
         return
     from rich.console import Console
     from rich.table import Table
-
-    from .stages import STAGES
 
     if not rows:
         typer.echo(f"no artifacts in {run_dir} yet (start with `rlhf run --run-dir {run_dir}`)")

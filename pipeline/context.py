@@ -47,19 +47,21 @@ class StageContext:
 
         return resolve_device(self.config.device)
 
+    def _dtype(self, setting: str) -> str:
+        """A dtype setting resolved: auto is bfloat16 on a GPU, float32 on the CPU (where bf16 matmuls are slower)."""
+        if setting == "auto":
+            return "bfloat16" if self.device == "cuda" else "float32"
+        return setting
+
     @property
     def inference_dtype(self) -> str:
-        """The dtype of models loaded to sample and score (`dtype` in the config; auto: bfloat16 on a GPU)."""
-        if self.config.dtype == "auto":
-            return "bfloat16" if self.device == "cuda" else "float32"
-        return self.config.dtype
+        """The dtype of models loaded to sample and score (`dtype` in the config)."""
+        return self._dtype(self.config.dtype)
 
     @property
     def artifact_dtype(self) -> str:
-        """The dtype model artifacts are saved in (`artifact_dtype`; auto: bfloat16 on a GPU)."""
-        if self.config.artifact_dtype == "auto":
-            return "bfloat16" if self.device == "cuda" else "float32"
-        return self.config.artifact_dtype
+        """The dtype model artifacts are saved in (`artifact_dtype`)."""
+        return self._dtype(self.config.artifact_dtype)
 
     def input(self, role: str) -> Artifact:
         if role not in self.inputs:

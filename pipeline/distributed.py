@@ -7,7 +7,7 @@ Who does what:
 * the runner (`pipeline/runner.py`) lets rank 0 alone resolve inputs, take the lease, build and commit the
   artifact, write manifests and W&B; it tells the other ranks (`tell`/`hear`, over a gloo group) to join a
   build of a stage whose spec says `distributed=True`, and which artifact came out;
-* the trainers (`policies/trainer.py`, `reward_models/train.py`) shard the model (`shard`), give each rank its
+* the trainers (`policies/trainer.py`, `reward_models/train.py`) shard the model (`Sharded`), give each rank its
   share of every step's rows (`share`), save resume checkpoints as full state dicts written by rank 0 and read
   by every rank (`save_train_state`/`load_train_state`), and hand the stage back a plain, unsharded model with
   the trained weights on every rank (`Sharded.unshard`);
@@ -103,16 +103,23 @@ def init(device: str) -> World:
     return w
 
 
+def _wait_for_peers() -> None:
+    """Wait (up to a minute) until every rank gets here; a peer that died already is not waited for."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.monitored_barrier(group=_CONTROL, timeout=timedelta(seconds=60))
+
+
 def _shutdown() -> None:
     """Leave together, then tear the groups down: a rank whose group is destroyed while a peer still talks to it
     aborts in gloo's threads ("terminate called without an active exception", SIGABRT) and torchrun reports failure."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return
-    with contextlib.suppress(Exception):  # a peer that died already: nothing to wait for
-        dist.monitored_barrier(group=_CONTROL, timeout=timedelta(seconds=60))
-    dist.destroy_process_group()
+    _wait_for_peers()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def leave(code: int) -> None:
@@ -123,11 +130,7 @@ def leave(code: int) -> None:
     import logging
     import sys
 
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):  # a peer that died already: nothing to wait for
-            dist.monitored_barrier(group=_CONTROL, timeout=timedelta(seconds=60))
+    _wait_for_peers()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -137,19 +140,12 @@ def leave(code: int) -> None:
 
 def tell(message: Any) -> None:
     """Rank 0 sends `message` to every other rank (no-op in one process)."""
-    if world().distributed:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([message], src=0, group=_CONTROL)
+    from_main(message)
 
 
 def hear() -> Any:
     """What rank 0 `tell`s (a rank other than 0 waits here)."""
-    import torch.distributed as dist
-
-    box = [None]
-    dist.broadcast_object_list(box, src=0, group=_CONTROL)
-    return box[0]
+    return from_main(None)
 
 
 def share(items: Sequence, w: World | None = None) -> list:

@@ -42,7 +42,7 @@ from data_specs.schemas import messages_to_dicts
 from .common import demo_oracle, load_data, subsample
 from .generation import SamplingParams, generate
 from .ppo_math import entropy_from_logits, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
-from .trainer import apply_lora, load_on_main as load_checkpoint, merge_lora, save_on_main as save_checkpoint
+from .trainer import apply_lora, load_on_main, merge_lora, save_on_main
 
 
 class ValueHead(torch.nn.Module):
@@ -287,7 +287,7 @@ def run(ctx: StageContext) -> dict:
     ckpt = ctx.work_dir / "ppo_state.pt"
     start = resumed = 0
     required = ("policy", "head", "optimizer", "step") + (("critic",) if critic is not None else ())
-    if (state := load_checkpoint(ckpt, required=required)) is not None:
+    if (state := load_on_main(ckpt, required=required)) is not None:
         policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
@@ -297,7 +297,7 @@ def run(ctx: StageContext) -> dict:
     good = {"step": start}
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt, policy=policy.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(), step=step,
+        save_on_main(ckpt, policy=policy.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(), step=step,
                         critic=critic.state_dict() if critic else None)
         good["step"] = step
 
@@ -382,20 +382,20 @@ def run(ctx: StageContext) -> dict:
             improved, stop = early.update(value, step + 1)
             ctx.log({"held_out_reward": value}, step=step)
             if improved:
-                save_checkpoint(best_ckpt, policy=policy.state_dict(), head=head.state_dict(), step=step + 1)
+                save_on_main(best_ckpt, policy=policy.state_dict(), head=head.state_dict(), step=step + 1)
             if stop:
                 stop_reason = (f"early stop: held-out reward {value:.3f} not above the best {early.best:.3f} (step {early.best_step}) "
                                f"for {cfg.early_stop_patience} evaluations")
                 break
     bar.close()
 
-    best_state = load_checkpoint(best_ckpt, required=("policy", "head", "step")) if early_prompts else None
+    best_state = load_on_main(best_ckpt, required=("policy", "head", "step")) if early_prompts else None
     if best_state is not None and (stop_reason != "completed" or early.best_step != len(history)):
         policy.load_state_dict(best_state["policy"]); head.load_state_dict(best_state["head"])  # keep the best held-out policy
         good["step"] = best_state["step"]
         stop_reason = stop_reason if stop_reason != "completed" else "completed (kept the best held-out step)"
     elif stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
-        state = load_checkpoint(ckpt, required=("policy", "head", "step"))
+        state = load_on_main(ckpt, required=("policy", "head", "step"))
         if state is not None:
             policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"])
             good["step"] = state["step"]

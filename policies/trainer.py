@@ -305,27 +305,22 @@ def load_on_main(path: Path, required: Sequence[str] = ("step",)) -> dict | None
     return from_main(load_checkpoint(path, required=required) if world().is_main else None)
 
 
-def save_train_state(ctx, path: Path, sharded, opt, sched, step: int) -> None:
+def save_train_state(path: Path, sharded, opt, sched, step: int) -> None:
     """A resume checkpoint: full state dicts keyed by parameter name (gathered from every rank, written by
     rank 0), so it resumes with any number of processes."""
     model_state, optim_state = sharded.state(opt)
-    if sharded.world.is_main:
-        save_checkpoint(path, model=model_state, optimizer=optim_state, scheduler=sched.state_dict(), step=step,
-                        rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
-    barrier()
+    save_on_main(path, model=model_state, optimizer=optim_state, scheduler=sched.state_dict(), step=step,
+                 rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
 
 
-def load_train_state(path: Path, sharded, opt, sched, *, rng: bool = True) -> int:
+def load_train_state(path: Path, sharded, opt, sched) -> int:
     """Load the checkpoint at `path` (or its `.prev`) into every rank; the step it was saved at, or 0."""
-    required = ("model", "optimizer", "scheduler", "step", "format") + (("rng",) if rng else ())
-    state = load_checkpoint(path, required=required) if sharded.world.is_main else None
-    state = from_main(state)  # rank 0 decides (it may set an unreadable file aside); every rank loads the same
+    state = load_on_main(path, required=("model", "optimizer", "scheduler", "step", "format", "rng"))
     if state is None:
         return 0
     sharded.load_state(opt, state["model"], state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    if rng:
-        torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"])
     return state["step"]
 
 
@@ -390,7 +385,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
         if (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
-            save_train_state(ctx, ckpt_path, sharded, opt, sched, step + 1)
+            save_train_state(ckpt_path, sharded, opt, sched, step + 1)
     bar.close()
     peak = peak_memory_gib(device)
     model = sharded.unshard(device)

@@ -136,7 +136,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_train_state(ctx, ckpt, sharded, opt, sched, step + 1)
+            save_train_state(ckpt, sharded, opt, sched, step + 1)
     model = merge_lora(sharded.unshard(device).model)
     del net, opt
     bar.close()
