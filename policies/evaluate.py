@@ -142,7 +142,7 @@ def sequence_kl(model, ref, tok, dialogues, replies_ids, device: str) -> list[fl
 
 def run(ctx: StageContext) -> dict:
     from reward_models.scoring import RewardScorer
-    from reward_models.train import HELD_OUT_FILE, accuracy_report, held_out_comparisons
+    from reward_models.train import HELD_OUT_FILE, accuracy_report, held_out_comparisons, template_pairs
 
     from .generation import SamplingParams, generate
 
@@ -196,16 +196,10 @@ def run(ctx: StageContext) -> dict:
     # reward-model accuracy per preference strength (Llama 2 Table 8): `rm_accuracy_<kind>` on the RM's
     # held-out ON-POLICY comparisons (split by prompt in the RM stage, its own domain); the off-policy
     # template pairs of eval_comparisons.jsonl are the separate `rm_template_accuracy_<kind>`.
-    templates = load_data(ctx, "eval_comparisons.jsonl", "preference")
     for kind, model, t in (("helpful", scorer.helpful, scorer.tok_h), ("safety", scorer.safety, scorer.tok_s)):
         held = held_out_comparisons(ctx.input(f"reward_model_{kind}").file(HELD_OUT_FILE))
-        own = [c for c in templates if c.is_safety_prompt == (kind == "safety")] or templates
-        cap = getattr(ctx.config, f"reward_model_{kind}").template_pairs  # the RM stage's seeded subset, here too
-        if cap is not None and len(own) > cap:
-            import random
-
-            own = random.Random(seed).sample(own, cap)
-        sets = {"rm_accuracy": held, "rm_template_accuracy": own}
+        sets = {"rm_accuracy": held, "rm_template_accuracy": template_pairs(ctx, kind)}  # the RM stage's pairs
+        templates = sets["rm_template_accuracy"]  # empty only when there are no template pairs at all
         if not held and templates:  # nothing held out (or an older RM artifact): say that the headline is the template pairs
             sets["rm_accuracy"] = sets["rm_template_accuracy"]
         metrics[f"rm_accuracy_{kind}_source"] = "held_out_on_policy" if held else ("template_pairs" if templates else None)

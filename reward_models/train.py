@@ -148,16 +148,7 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
                "world_size": sharded.world.size,
                "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss,
                "n_train_safety": sum(c.is_safety_prompt for c in train), "n_train_static": sum(id(c) in static_ids for c in train)}
-    from policies.common import load_data
-
-    def own(comps):
-        return [c for c in comps if c.is_safety_prompt == (kind == "safety")] or list(comps)
-
-    templates = own(load_data(ctx, "eval_comparisons.jsonl", "preference"))
-    if cfg.template_pairs is not None and len(templates) > cfg.template_pairs:  # a seeded subset: the CPU budget
-        import random
-
-        templates = random.Random(ctx.seed).sample(templates, cfg.template_pairs)
+    templates = template_pairs(ctx, kind)
 
     def report(comps, what):  # scoring a 135M model's held-out pairs on a CPU takes minutes: show it
         bar = ctx.progress(2 * len(comps), f"score {what}", unit="seq")
@@ -190,6 +181,18 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
                                                    "metrics": {k: v for k, v in metrics.items() if not isinstance(v, dict)}})
     _plot_histograms(ctx, rewards, kind)
     return metrics
+
+
+def template_pairs(ctx: StageContext, kind: str) -> list[Comparison]:
+    """The off-policy template pairs (eval_comparisons.jsonl) a `kind` reward model is scored on: those of its own
+    domain (all when it has none), a seeded subset of `reward_model_<kind>.template_pairs` of them when set (the CPU
+    budget). The run's seed picks it, so the RM stage and evaluate score the same pairs."""
+    from policies.common import load_data, subsample
+
+    comps = load_data(ctx, "eval_comparisons.jsonl", "preference")
+    own = [c for c in comps if c.is_safety_prompt == (kind == "safety")] or comps
+    cap = getattr(ctx.config, f"reward_model_{kind}").template_pairs
+    return own if cap is None else subsample(own, cap, ctx.config.seed)
 
 
 def held_out_comparisons(path) -> list[Comparison]:

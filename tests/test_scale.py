@@ -177,3 +177,20 @@ def test_artifacts_are_saved_in_the_artifact_dtype_and_train_as_float32(tok, tmp
     assert w2.dtype == torch.float32 and torch.equal(w2, w.to(torch.bfloat16).float()) and not torch.equal(w2, w)
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     assert StageContext("sft", 0, "v", cfg, {}, tmp_path, tmp_path, registry=None).artifact_dtype == "float32"  # auto on the CPU
+
+
+def test_the_rm_stage_and_evaluate_score_the_same_capped_template_pairs(tiny_run, tmp_path):
+    from pipeline.context import StageContext
+    from reward_models.train import template_pairs
+
+    cfg, arts = tiny_run
+    capped = cfg.model_copy(deep=True)
+    capped.reward_model_safety.template_pairs = 3
+    data = {"data": arts[("data", 0)]}
+    rm = StageContext("reward_model_safety", 1, "v", capped, data, tmp_path, tmp_path, registry=None)
+    ev = StageContext("evaluate", 2, "v", capped, data, tmp_path, tmp_path, registry=None)
+    pairs = template_pairs(rm, "safety")
+    assert len(pairs) == 3 and all(c.is_safety_prompt for c in pairs)
+    assert [c.model_dump() for c in pairs] == [c.model_dump() for c in template_pairs(ev, "safety")]
+    full = template_pairs(rm, "helpful")  # no cap: every helpfulness pair
+    assert len(full) > 3 and not any(c.is_safety_prompt for c in full)
