@@ -15,6 +15,9 @@ Flow parameters cannot turn on code execution (`UNSAFE_KEYS`: trust_remote_code,
 GAtt checker module) unless the served config sets it or the serving side was started with
 RLHF_ALLOW_UNSAFE_OVERRIDES=1. Each round ends with a summary table artifact
 `rlhf-round-<r>`. `rlhf run` does not need Prefect at all.
+
+With `dispatch=pools` (the deployments of prefect.yaml) each stage runs instead as a flow run of its own
+deployment on a worker of its work pool: flows/cluster.py.
 """
 from __future__ import annotations
 
@@ -191,9 +194,18 @@ def run_stage(stage: str, round: int, config: str, run_dir: str | None, override
             "metrics": _headline(runner.spec(stage), art.metrics)}
 
 
-def _run_round(cfg: RunConfig, round: int, stages: list[str], args: dict[str, Any], retries: int) -> list[dict[str, Any]]:
+def _run_round(cfg: RunConfig, round: int, stages: list[str], args: dict[str, Any], retries: int,
+               dispatch: str = "local") -> list[dict[str, Any]]:
     refs: list[dict[str, Any]] = []
     for wave in levels(cfg, round, stages):
+        if dispatch == "pools":  # each stage is a flow run of its own deployment, on a worker of its pool
+            from prefect.runtime import flow_run
+
+            from flows.cluster import run_wave
+
+            for ref in run_wave(cfg, round, wave, args, parent=flow_run.id, echo=get_run_logger().info):
+                refs.append({**ref, "metrics": _headline(STAGES[ref["stage"]], ref["metrics"])})
+            continue
         futures = [run_stage.with_options(name=s, task_run_name=f"{s}-r{round}", retries=retries, retry_delay_seconds=10)
                    .submit(s, round, **args) for s in wave]
         refs += [f.result() for f in futures]  # raises the first failure: later waves never start
@@ -229,6 +241,8 @@ def rlhf(
     overrides: list[str] = [],  # noqa: B006 - Prefect copies parameters; never mutated
     force: bool = False,
     retries: Annotated[int, Field(ge=0, le=10)] = 1,
+    dispatch: Literal["local", "pools"] = "local",
+    slot: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the RLHF pipeline (or a part of it) through the stage runner; returns artifact references.
 
@@ -242,6 +256,10 @@ def rlhf(
         overrides: Dotted config overrides, e.g. ["sft.learning_rate=1e-5"].
         force: Recompute even when a complete artifact with the same version exists.
         retries: Retries per stage for transient failures (never for bad input or config).
+        dispatch: local: the stages run as tasks of this flow run; pools: each stage runs as its own
+            deployment (rlhf/<stage>) on a worker of its pool (flows/cluster.py).
+        slot: Global concurrency limit to hold `hardware.gpus` slots of while the stage runs (mode 'stage';
+            the per-stage GPU deployments of prefect.yaml set it to `gpu`).
     """
     cfg = check_parameters(config, overrides, run_dir=run_dir)  # a bad or unsafe config fails here, before any stage
     logger = get_run_logger()
@@ -252,18 +270,24 @@ def rlhf(
             raise ConfigError("mode 'stage' needs the parameter stage (e.g. --param stage=reward_model_safety)")
         spec = STAGES[stage]
         r = round if round is not None else (0 if spec.rounds == "zero" else next_round(cfg))
-        refs = _run_round(cfg, r, [stage], args, retries)
+        if slot:
+            from flows.cluster import gpu_slot
+
+            with gpu_slot(cfg, slot):
+                refs = _run_round(cfg, r, [stage], args, retries)
+        else:
+            refs = _run_round(cfg, r, [stage], args, retries, dispatch)
     elif mode == "bootstrap":
-        refs = _run_round(cfg, 0, plan(cfg, 0), args, retries)
+        refs = _run_round(cfg, 0, plan(cfg, 0), args, retries, dispatch)
     elif mode == "full":
         refs = []
         for r in range(0, cfg.rounds + 1):
-            refs += _run_round(cfg, r, plan(cfg, r), args, retries)
+            refs += _run_round(cfg, r, plan(cfg, r), args, retries, dispatch)
     else:
         r = round if round is not None else next_round(cfg)
         if r < 1:
             raise ConfigError("an iteration is an RLHF round >= 1; use the bootstrap deployment for round 0")
-        refs = _run_round(cfg, r, plan(cfg, r), args, retries)
+        refs = _run_round(cfg, r, plan(cfg, r), args, retries, dispatch)
     built = sum(not x["cached"] for x in refs)
     logger.info(f"{mode}: {len(refs)} stages ({built} built, {len(refs) - built} cached) in {time.time() - t0:.1f}s")
     return refs

@@ -518,6 +518,32 @@ def serve(
     serve_deployments(config, run_dir)
 
 
+cluster_app = typer.Typer(help="Prefect work pools for a cluster: each stage its own deployment (flows/cluster.py).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("setup")
+def cluster_setup(
+    gpu_slots: int = typer.Option(..., "--gpu-slots", help="GPUs the workers share: the limit of the global concurrency limit `gpu`."),
+    config: str = ConfigOpt,
+    pool_type: str = typer.Option("process", "--pool-type", help="Work pool type: process, or kubernetes (the GPU pool "
+                                  "then uses docker/k8s-base-job-template.json)."),
+) -> None:
+    """Create the work pools `cpu` and `gpu` (orchestration.pools) and the global concurrency limit `gpu` (needs PREFECT_API_URL)."""
+    from flows.cluster import setup
+
+    setup(gpu_slots, config, pool_type, echo=typer.echo)
+
+
+@cluster_app.command("yaml")
+def cluster_yaml(config: str = ConfigOpt, run_dir: Optional[str] = RunDirOpt) -> None:
+    """Print prefect.yaml (the round flows and one deployment per stage, from the stage registry) for `prefect deploy --all`."""
+    from flows.cluster import prefect_yaml_text
+
+    typer.echo(prefect_yaml_text(config, run_dir), nl=False)
+
+
 @app.command()
 def server(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (loopback by default)."),

@@ -320,6 +320,25 @@ class HardwareConfig(_Cfg):
     nodes: int = Field(1, ge=1, description="Nodes the run is launched on (torchrun --nnodes).")
 
 
+class OrchestrationConfig(_Cfg):
+    """How a round is spread over Prefect work pools (flows/cluster.py); `rlhf run` and `rlhf serve` ignore it."""
+
+    pools: dict[Literal["cpu", "gpu"], str] = Field(
+        default_factory=lambda: {"cpu": "cpu", "gpu": "gpu"},
+        description="Work pool of each kind of stage (a stage's kind is `resource` in the stage registry: `data` is cpu, "
+        "the model stages gpu).")
+    job_variables: dict[Literal["cpu", "gpu"], dict[str, Any]] = Field(
+        default_factory=dict, description="Job variables per kind, merged over the defaults (gpu: {gpus: hardware.gpus}); "
+        "e.g. {gpu: {gpus: 8, memory: 640Gi}} for the Kubernetes base job template in docker/.")
+    gpu_limit: str = Field("gpu", min_length=1, description="Global concurrency limit a GPU stage holds `hardware.gpus` "
+                           "slots of while it runs (create it with `rlhf cluster setup --gpu-slots N`).")
+    slot_lease_s: float = Field(60, ge=60, le=86400, description="Lease of a held GPU slot: a worker that dies frees its "
+                                "slots after this long (Prefect's minimum is 60 s).")
+    resubmits: int = Field(2, ge=0, le=10, description="Times a stage whose worker died mid-build is resubmitted "
+                           "(its build resumes from the last checkpoint; failures with an error are never resubmitted).")
+    poll_s: float = Field(2.0, gt=0, le=60, description="Seconds between checks of the dispatched stage runs.")
+
+
 class RunConfig(_Cfg):
     name: str = Field("demo", description="Name of the RLHF run (W&B group, Prefect tags).")
     seed: int = Field(0, description="Seed for every random choice in every stage.")
@@ -339,6 +358,8 @@ class RunConfig(_Cfg):
     gatt_from: int = Field(3, ge=1, description="First round that runs Ghost Attention (the paper: after V3).")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="W&B tracking.")
     hardware: HardwareConfig = Field(default_factory=HardwareConfig, description="Devices the run is planned for (`rlhf plan`).")
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig,
+                                               description="Prefect work pools, job variables and the GPU slot limit (flows/cluster.py).")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     pretrained: PretrainedStageConfig = Field(default_factory=PretrainedStageConfig, description="Stage `pretrained`.")
     sft: SFTStageConfig = Field(default_factory=SFTStageConfig, description="Stage `sft`.")

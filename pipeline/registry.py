@@ -167,6 +167,14 @@ class Registry:
                     out.append(self._live_status(att))
         return out
 
+    def attempt(self, stage: str, round: int) -> dict[str, Any] | None:
+        """The last attempt of (stage, round) as `attempts()` reads it (a dead builder's "running" reads "interrupted")."""
+        try:
+            att = read_json(self.attempts_dir / stage / f"r{round}.json")
+        except (OSError, ValueError):
+            return None
+        return self._live_status(att) if isinstance(att, dict) else None
+
     def _live_status(self, att: dict[str, Any]) -> dict[str, Any]:
         if att.get("status") != "running" or "version" not in att:
             return att

@@ -30,6 +30,8 @@ class StageSpec:
     # True: in several processes every rank runs it (its trainer shards the model, pipeline/distributed.py);
     # False: rank 0 runs it alone while the others wait
     distributed: bool = False
+    # The kind of worker it needs under Prefect work pools (flows/cluster.py): "gpu" (models) or "cpu"
+    resource: str = "gpu"
 
 
 # Modules every model stage depends on (chat formatting, model loading, training loop).
@@ -131,7 +133,7 @@ STAGES: dict[str, StageSpec] = {
     for s in [
         StageSpec("data", "data_specs.prepare:run", lambda c, r: {}, ("data_specs",), "dataset",
                   ("n_sft", "n_prompts", "n_eval_prompts"), "zero", "Write (demo) or validate and copy (files) every dataset.", _data_files,
-                  check="data_specs.prepare:check"),
+                  check="data_specs.prepare:check", resource="cpu"),
         StageSpec("pretrained", "policies.pretrained:run", _data, ("policies.pretrained", "pipeline.models", "pipeline.chat"), "model",
                   ("params_M", "loss"), "zero", "Resolve, load and register the base checkpoint (or pretrain the tiny demo Llama)."),
         StageSpec("sft", "policies.sft:run", lambda c, r: {"data": ("data", 0), "base": ("pretrained", 0)},

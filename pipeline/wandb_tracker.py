@@ -5,13 +5,17 @@
 
 The registry stays the source of truth; a tracking failure only warns, it never fails a stage.
 All W&B files (runs, staging copies, cache, settings) stay under `<run_dir>/wandb`, nothing goes
-to $HOME. Offline runs cannot call `use_artifact`, so a run's inputs are recorded in its config
-(and in `rlhf-lineage.json` beside the run) and `rlhf sync` turns them into real lineage online.
+to $HOME. A run's inputs are recorded in its config (and in `rlhf-lineage.json` beside the run);
+online runs also `use_artifact` them at once, offline runs cannot, so `rlhf sync` does it after the
+upload. Artifact names carry the run's name (`<run>-<stage>`, e.g. `demo-sft`), so the `latest` and
+`round-<r>` aliases of two runs in one project never collide. Weights too large to copy are file://
+references with W&B's own checksum beside the registry's sha256.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -74,13 +78,35 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return out
 
 
-def input_refs(inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """role -> {stage, round, version, digest}; the digest is over the input's file checksums."""
+def artifact_name(run_name: str, stage: str) -> str:
+    """The W&B artifact name of a stage's output in the run `run_name`: `<run>-<stage>`, W&B's character set."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_name).strip("-.") or "run"
+    return f"{safe}-{stage}"
+
+
+def input_refs(inputs: dict[str, Any], run_name: str) -> dict[str, dict[str, Any]]:
+    """role -> {stage, round, version, digest, artifact}; the digest is over the input's file checksums, `artifact`
+    the W&B name:alias the input was logged under (inputs come from the same run directory, so the same run)."""
     return {
         role: {"stage": a.stage, "round": a.round, "version": a.version,
-               "digest": stable_hash(a.manifest.get("files", {}), 16)}
+               "digest": stable_hash(a.manifest.get("files", {}), 16),
+               "artifact": f"{artifact_name(run_name, a.stage)}:version-{a.version}"}
         for role, a in sorted(inputs.items())
     }
+
+
+def use_inputs(run: Any, refs: dict[str, dict[str, Any]], what: str, echo: Any = None) -> int:
+    """`run.use_artifact` every recorded input (online); returns how many W&B knew. An input built with tracking
+    off (or not yet synced) is not in W&B: a warning, never an error."""
+    used = 0
+    for role, ref in refs.items():
+        name = ref.get("artifact") or f"{ref['stage']}:version-{ref['version']}"  # lineage files written before run names
+        try:
+            run.use_artifact(name)
+            used += 1
+        except Exception as e:  # noqa: BLE001
+            (echo or _warn)(f"warning: {what}: input {role} ({name}) not found in W&B: {e}")
+    return used
 
 
 class WandbTracker:
@@ -99,7 +125,7 @@ class WandbTracker:
         """What `pipeline.tracking.tracker_factory(cfg)` returns. Never raises."""
         refs: dict[str, dict] = {}
         try:
-            refs = input_refs(inputs)
+            refs = input_refs(inputs, cfg.name)
             run = cls._init(cfg, spec, round, version, refs)
         except Exception as e:  # noqa: BLE001 - tracking must never fail a stage
             _warn(f"W&B tracking disabled for {spec.name} round {round}: {type(e).__name__}: {e}")
@@ -130,6 +156,8 @@ class WandbTracker:
             )
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
+        if not offline:  # offline runs cannot reach W&B's artifact store: `rlhf sync` records them after the upload
+            use_inputs(run, refs, f"{spec.name} r{round}")
         # sidecar for `rlhf sync`: what this run consumed, readable without parsing the .wandb file
         run_dir = Path(run.dir).parent  # .../wandb/offline-run-<ts>-<id>/files -> the run folder
         (run_dir / LINEAGE_FILE).write_text(json.dumps({
@@ -180,14 +208,15 @@ class WandbTracker:
         meta = {"version": artifact.version, "round": artifact.round, "stage": artifact.stage, "run": self.cfg.name,
                 "run_dir": str(Path(self.cfg.run_dir).resolve()), "path": str(artifact.path.resolve()),
                 "inputs": self.inputs, "sha256_of_references": large}
-        art = wandb.Artifact(artifact.stage, type=self.spec.artifact_type, metadata=meta)
+        art = wandb.Artifact(artifact_name(self.cfg.name, artifact.stage), type=self.spec.artifact_type, metadata=meta)
         for f in sorted(artifact.path.rglob("*")):
             if not f.is_file():
                 continue
             name = f.relative_to(artifact.path).as_posix()
             if name in large:
-                # weights stay where they are; the registry's sha256 is in the metadata
-                art.add_reference(f.resolve().as_uri(), name=name, checksum=False)
+                # weights stay where they are: W&B checksums the file (its digest is verified on download) and
+                # the registry's sha256 is in the metadata
+                art.add_reference(f.resolve().as_uri(), name=name, checksum=True)
             else:
                 art.add_file(str(f), name=name)
         return art
@@ -242,12 +271,7 @@ def restore_lineage(offline_run: Path, echo=print) -> None:
     run = wandb.init(id=info["run_id"], project=info["project"], entity=info["entity"], resume="must", mode="online",
                      reinit="create_new", settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
     try:
-        for role, ref in info["inputs"].items():
-            name = f"{ref['stage']}:version-{ref['version']}"
-            try:
-                run.use_artifact(name)
-            except Exception as e:  # noqa: BLE001 - an input logged with tracking off is not in W&B
-                echo(f"warning: {info['stage']} r{info['round']}: input {role} ({name}) not found in W&B: {e}")
+        use_inputs(run, info["inputs"], f"{info['stage']} r{info['round']}", echo)
     finally:
         run.finish()
     echo(f"lineage restored: {info['stage']} r{info['round']} <- {len(info['inputs'])} inputs")

@@ -213,20 +213,30 @@ def test_bad_parameters_are_rejected_naming_the_field(prefect_stack):
 def test_compose_and_dockerfile_refer_to_existing_files():
     compose = yaml.safe_load((ROOT / "docker" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"prefect-server", "rlhf-serve"} <= set(services)
+    assert {"postgres", "prefect-server", "setup", "worker-cpu", "worker-gpu", "rlhf-serve"} <= set(services)
     for svc in services.values():
         if "build" in svc:
             ctx = (ROOT / "docker" / svc["build"]["context"]).resolve()
             assert ctx == ROOT and (ctx / svc["build"]["dockerfile"]).is_file()
-    serve = services["rlhf-serve"]
-    assert "rlhf serve" in " ".join(serve["command"] if isinstance(serve["command"], list) else [serve["command"]])
+
+    def command(name: str) -> str:
+        c = services[name]["command"]
+        return " ".join(c if isinstance(c, list) else [c])
+
+    assert "rlhf serve" in command("rlhf-serve") and services["rlhf-serve"]["profiles"] == ["serve"]
+    assert "rlhf cluster setup" in command("setup") and "prefect --no-prompt deploy --all" in command("setup")
+    assert "--pool gpu --limit 1" in command("worker-gpu") and "--pool cpu" in command("worker-cpu")
     named = set(compose["volumes"])
     for svc in services.values():
         for vol in svc.get("volumes", []):
             assert vol.split(":")[0] in named
-    assert any(v.startswith("runs:") for v in serve["volumes"])
+    for name in ("worker-cpu", "worker-gpu", "rlhf-serve"):  # every process that builds sees the one run directory
+        assert "runs:/runs" in services[name]["volumes"]
     env = services["prefect-server"]["environment"]
-    assert str(env["PREFECT_SERVER_ANALYTICS_ENABLED"]).lower() == "false" and "sqlite" in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert str(env["PREFECT_SERVER_ANALYTICS_ENABLED"]).lower() == "false"
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://") and "@postgres:5432/" in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["worker-gpu"]["depends_on"]["setup"]["condition"] == "service_completed_successfully"
 
     lines = (ROOT / "docker" / "Dockerfile").read_text().splitlines()
     copies = [line.split()[1:-1] for line in lines if line.startswith("COPY ") and "--from" not in line]
@@ -235,3 +245,4 @@ def test_compose_and_dockerfile_refer_to_existing_files():
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile COPY source {src} does not exist"
     assert any("pip install" in line and "torch" in line for line in lines)
+    assert "ARG EXTRAS=vllm" in lines and any('".[${EXTRAS}]"' in line for line in lines)  # the GPU image samples with vLLM

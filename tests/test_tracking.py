@@ -4,6 +4,8 @@ wandb 0.31 writes an offline run as one `run-<id>.wandb` transaction log (a Leve
 `wandb_internal_pb2.Record` protobufs); it has no Python reader any more, so `read_records` below
 decodes it (7-byte file header, 32 KiB blocks, records with a crc/length/type header).
 """
+import base64
+import hashlib
 import json
 import struct
 import time
@@ -140,7 +142,7 @@ def test_stage_runs_are_offline_wandb_runs_with_artifacts(tmp_path, home):
     assert d["summary"]["n"] == 3 and d["summary"]["stats/mean"] == 0.5
     assert "stats/hist" not in d["summary"] and "rows" not in d["summary"]
     (art,) = d["artifacts"]
-    assert (art.name, art.type) == ("collect_preferences", "dataset")
+    assert (art.name, art.type) == ("trk-collect_preferences", "dataset")  # the run's name: no `latest` clash across runs
     assert {"round-1", "latest"} <= set(art.aliases)
     meta = json.loads(art.metadata)
     assert meta["version"] == data.version and meta["round"] == 1 and meta["stage"] == "collect_preferences"
@@ -148,6 +150,8 @@ def test_stage_runs_are_offline_wandb_runs_with_artifacts(tmp_path, home):
     entries = {c.path: c for c in art.manifest.contents}
     assert set(entries) == {"prompts.json", "weights.bin", "manifest.json", "metrics.jsonl"}
     assert entries["weights.bin"].ref == (data.path / "weights.bin").resolve().as_uri()  # large: referenced
+    md5 = base64.b64encode(hashlib.md5((data.path / "weights.bin").read_bytes()).digest()).decode()
+    assert entries["weights.bin"].digest == md5  # ... with W&B's checksum of the file, verified on download
     assert not entries["prompts.json"].ref and entries["prompts.json"].local_path  # small: copied
     assert Path(entries["prompts.json"].local_path).resolve().is_relative_to(run_dir.resolve())
     assert d["exit"] == 0
@@ -157,9 +161,10 @@ def test_stage_runs_are_offline_wandb_runs_with_artifacts(tmp_path, home):
     assert m["config"]["inputs"]["data"]["version"] == data.version and m["config"]["inputs"]["data"]["digest"]
     assert m["summary"]["accuracy"] == 0.75 and m["summary"]["stop_reason"] == "done"
     (art,) = m["artifacts"]
-    assert (art.name, art.type) == ("reward_model_helpful", "model") and json.loads(art.metadata)["version"] == model.version
+    assert (art.name, art.type) == ("trk-reward_model_helpful", "model") and json.loads(art.metadata)["version"] == model.version
     lineage = json.loads((paths["reward_model_helpful"] / "rlhf-lineage.json").read_text())
     assert lineage["inputs"]["data"]["version"] == data.version
+    assert lineage["inputs"]["data"]["artifact"] == f"trk-collect_preferences:version-{data.version}"  # what `rlhf sync` uses
 
     # nothing under the fake HOME; everything W&B wrote is under the run directory
     assert [p for p in home.rglob("*")] == []
@@ -188,6 +193,14 @@ def test_failed_stage_is_a_failed_run_and_tracking_errors_never_fail_a_stage(tmp
     with pytest.warns(RuntimeWarning, match="disk full"):
         res = Runner(cfg, specs=SPECS, tracker_factory=tracker_factory(cfg), echo=None).run_stage("collect_preferences", 1)
     assert not res.cached and res.artifact.metrics["n"] == 3
+
+
+def test_artifact_names_carry_the_run_name():
+    from pipeline.wandb_tracker import artifact_name
+
+    assert artifact_name("demo", "sft") == "demo-sft"
+    assert artifact_name("my run/7b:v2", "ppo") == "my-run-7b-v2-ppo"  # W&B's character set
+    assert artifact_name("a", "sft") != artifact_name("b", "sft")
 
 
 def test_disabled_mode_has_no_tracker_and_sync_needs_a_key(tmp_path, home):
