@@ -38,7 +38,10 @@ class LoraConfig(_Cfg):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get adapters.",
     )
-    quantize_4bit: bool = Field(False, description="QLoRA: load the base in 4 bit (needs bitsandbytes and a CUDA GPU).")
+    quantize_4bit: bool = Field(False, description="QLoRA: the frozen base is loaded in 4-bit NF4 (bitsandbytes, double "
+                                "quantisation, bf16 compute) and only the adapters train; the saved artifact is the base in bf16 "
+                                "with the adapters merged. Needs a CUDA GPU, `pip install -e '.[qlora]'` and one process; the "
+                                "fine-tuning stages sft, rejection_sampling and ghost_attention take it.")
 
 
 class TrainConfig(_Cfg):
@@ -212,6 +215,13 @@ class RewardModelConfig(_Cfg):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA on the reward model's transformer (the scalar head "
                              "trains in full); merged into the saved reward model.")
 
+    @model_validator(mode="after")
+    def _no_qlora(self):
+        if self.lora.quantize_4bit:
+            raise ValueError("lora.quantize_4bit: QLoRA is for the fine-tuning stages (sft, rejection_sampling, ghost_attention); "
+                             "a reward model takes plain LoRA (lora.enabled) with bf16")
+        return self
+
 
 class RejectionSamplingConfig(TrainConfig):
     k: int = Field(10, ge=1, description="Samples per prompt PER TEMPERATURE: K = k * len(temperatures) candidates per prompt (the paper does not state its K; Fig. 7 goes to 100).")
@@ -232,6 +242,9 @@ class PPOConfig(_Cfg):
             raise ValueError("generation.backend: PPO samples from the policy it is training, and handing its weights (or LoRA "
                              "adapters) to vLLM every iteration is not implemented yet; use 'hf' for PPO (the other sampling "
                              "stages take 'vllm')")
+        if self.lora.quantize_4bit:
+            raise ValueError("lora.quantize_4bit: PPO takes plain LoRA (its checkpoints and rollback hold the policy's state); "
+                             "QLoRA is for sft, rejection_sampling and ghost_attention")
         return self
 
     steps: int = Field(200, ge=1, description="PPO iterations (sec. 3.2.3: 200-400).")

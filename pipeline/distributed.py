@@ -228,6 +228,9 @@ class Sharded:
     def __init__(self, model, device: str):
         self.world = world()
         self.plain = model
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # a QLoRA base (4-bit, frozen, read from its artifact) stays out of checkpoints: they hold only what trains
+        self.frozen_out = bool(getattr(inner, "is_loaded_in_4bit", False))
         if not self.world.distributed:
             self.module = model
             return
@@ -255,13 +258,14 @@ class Sharded:
         so a checkpoint resumes with any number of processes."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                               ignore_frozen_params=self.frozen_out))
 
     def load_state(self, optimizer, model_state: dict, optim_state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         set_state_dict(self.module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True))
+                       options=StateDictOptions(full_state_dict=True, strict=not self.frozen_out))
 
     def unshard(self, device: str):
         """The stage's model with the trained weights (every rank), for saving, sampling and scoring."""

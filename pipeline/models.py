@@ -117,13 +117,50 @@ def prepare_tokenizer(tok, model=None) -> dict[str, bool]:
     return {"added_pad_token": not had_pad, "set_llama2_template": set_template}
 
 
-def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) of a registered policy artifact (always safetensors, no remote code)."""
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32", quantize_4bit: bool = False):
+    """(model, tokenizer) of a registered policy artifact (always safetensors, no remote code).
+
+    quantize_4bit: the QLoRA base, loaded straight into 4-bit NF4 on the GPU (bitsandbytes), never in full
+    precision first, so a base that does not fit the GPU in bf16 still loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype), use_safetensors=True).to(device)
+    if quantize_4bit:
+        model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qlora_quantization(device),
+                                                     dtype=_torch_dtype("bfloat16"), use_safetensors=True, device_map={"": 0})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype), use_safetensors=True).to(device)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
+
+
+def qlora_quantization(device: str):
+    """The QLoRA paper's 4-bit setting (NF4, double quantisation, bf16 compute); a clear error where it cannot run."""
+    from .distributed import world
+
+    if device != "cuda":
+        raise QLoRAUnavailable("QLoRA (lora.quantize_4bit) needs bitsandbytes and a CUDA GPU; this run is on the CPU. "
+                               "Set lora.quantize_4bit=false (plain LoRA works on the CPU).")
+    if world().distributed:
+        raise QLoRAUnavailable("QLoRA (lora.quantize_4bit) runs in one process: FSDP2 here does not shard bitsandbytes 4-bit "
+                               "weights. Drop --nproc, or train plain LoRA / full weights sharded.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise QLoRAUnavailable(f"QLoRA (lora.quantize_4bit) needs bitsandbytes: pip install -e '.[qlora]' ({e})") from e
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+class QLoRAUnavailable(RuntimeError):
+    """QLoRA asked for where it cannot run (no CUDA, several processes, no bitsandbytes)."""
+
+
+def is_quantized(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(inner, "is_loaded_in_4bit", False))
 
 
 def save_policy(model, tokenizer, out_dir: str | Path, dtype: str | None = None) -> None:

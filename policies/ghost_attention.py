@@ -24,13 +24,13 @@ from typing import Callable, Sequence
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext, StageFailed
 from pipeline.io import write_json, write_jsonl
-from pipeline.models import load_policy, save_policy
+from pipeline.models import save_policy
 
 from data_specs.schemas import GattInstruction
 
 from .common import demo_oracle, load_data, sample_replies
 from .generation import engine_for
-from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
 Checker = Callable[[Sequence[GattInstruction], str], bool]
 
@@ -146,7 +146,7 @@ def run(ctx: StageContext) -> dict:
         raise StageFailed(f"no GAtt instructions in categories {cfg.categories}")
     checker = get_checker(ctx)
     keep = get_filter(cfg)
-    model, tok = load_policy(ctx.input("policy").path, ctx.device)
+    model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
 
     users = user_pool(ctx)
     held_out_users = user_pool(ctx, "eval_prompts.jsonl")

@@ -17,13 +17,13 @@ import torch
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext
 from pipeline.io import read_jsonl, write_json, write_jsonl
-from pipeline.models import load_policy, save_policy
+from pipeline.models import save_policy
 
 from data_specs.schemas import messages_to_dicts
 
 from .common import demo_oracle, load_data, sample_replies, subsample
 from .generation import engine_for
-from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
 
 def best_of_k(rewards: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ def run(ctx: StageContext) -> dict:
 
     cfg = ctx.section
     prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
-    model, tok = load_policy(ctx.input("policy").path, ctx.device)
+    model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
     dialogues = [messages_to_dicts(p.messages) for p in prompts]
 
     # K samples per prompt at each temperature

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext
-from pipeline.models import load_policy, save_policy
+from pipeline.models import save_policy
 
 from data_specs.schemas import messages_to_dicts
 
 from .common import demo_oracle, dialogues, gold_report, load_data, sample_replies, subsample
-from .trainer import apply_lora, merge_lora, pack_examples, train_causal_lm
+from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
 
 def build_rows(tok, examples, seq_len: int, eval_fraction: float, seed: int):
@@ -30,7 +30,7 @@ def build_rows(tok, examples, seq_len: int, eval_fraction: float, seed: int):
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section
-    model, tok = load_policy(ctx.input("base").path, ctx.device)
+    model, tok = load_trainable(ctx.input("base").path, cfg.lora, ctx.device)
     examples = load_data(ctx, "sft.jsonl", "sft")
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]

@@ -31,6 +31,7 @@ from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
 from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, share, world
 from pipeline.io import fsync_path
+from pipeline.models import QLoRAUnavailable, is_quantized, load_policy, qlora_quantization
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)
 
@@ -115,21 +116,52 @@ def make_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), ep
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
+def load_trainable(path, lora: LoraConfig, device: str):
+    """(model, tokenizer) of the policy a fine-tuning stage trains: with QLoRA the base is loaded in 4 bit."""
+    try:
+        return load_policy(path, device, quantize_4bit=lora.enabled and lora.quantize_4bit)
+    except QLoRAUnavailable as e:
+        raise StageFailed(str(e)) from e
+
+
 def apply_lora(model, lora: LoraConfig, device: str, task_type: str = "CAUSAL_LM"):
     if not lora.enabled:
         return model
-    if lora.quantize_4bit and device != "cuda":
-        raise StageFailed("QLoRA (lora.quantize_4bit) needs bitsandbytes and a CUDA GPU; this run is on the CPU. "
-                          "Set lora.quantize_4bit=false (plain LoRA works on the CPU).")
+    if lora.quantize_4bit and not is_quantized(model):
+        try:
+            qlora_quantization(device)  # says why QLoRA cannot run here, if it cannot
+        except QLoRAUnavailable as e:
+            raise StageFailed(str(e)) from e
+        raise StageFailed("QLoRA (lora.quantize_4bit): this stage loaded its base in full precision; load it with load_trainable")
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    if is_quantized(model):  # norms and embeddings to fp32, input grads on (peft's QLoRA preparation)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task_type)
     return get_peft_model(model, cfg)
 
 
 def merge_lora(model):
-    """A plain transformers model again (adapters merged), so downstream stages load it as usual."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    """A plain transformers model again (adapters merged), so downstream stages load it as usual.
+
+    A QLoRA model's adapters are merged into the base reloaded in bf16 from its artifact, not into the 4-bit
+    weights (merging into NF4 would re-quantise: lossy, and the artifact would need bitsandbytes to load)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if not is_quantized(model):
+        return model.merge_and_unload()
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters, peft_cfg = get_peft_model_state_dict(model), model.peft_config["default"]
+    path, device = model.get_base_model().config._name_or_path, next(model.parameters()).device
+    del model
+    torch.cuda.empty_cache()
+    base, _ = load_policy(path, str(device), dtype="bfloat16")
+    merged = get_peft_model(base, peft_cfg)
+    set_peft_model_state_dict(merged, adapters)
+    return merged.merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -143,7 +143,7 @@ def test_a_round_runs_stage_by_stage_on_pool_workers_and_survives_a_killed_worke
         time.sleep(0.05)
     assert killed, f"never saw {KILLED} building\n" + _logs(c)
     c["procs"]["gpu-c"] = _worker(env, "gpu", "gpu-c", c["tmp"], limit=1)  # a fresh worker joins
-    out, _ = it.communicate(timeout=600)
+    out, _ = it.communicate(timeout=300)
     assert it.returncode == 0, out + _logs(c)
 
     # the round equals what `rlhf run` builds: the versions its config implies, one artifact each

@@ -120,11 +120,27 @@ def test_win_rate_of_a_policy_against_itself_is_half(tok):
     assert abs(win_rate(a, b) - 0.5) < 0.1
 
 
-def test_qlora_on_cpu_is_a_clear_error(tok):
-    from policies.trainer import apply_lora
+def test_qlora_on_cpu_is_a_clear_error(tok, tmp_path):
+    from pipeline.models import save_policy
+    from policies.trainer import apply_lora, load_trainable
 
+    qlora = LoraConfig(enabled=True, quantize_4bit=True)
     with pytest.raises(StageFailed, match="QLoRA.*CUDA"):
-        apply_lora(tiny_llama(tok), LoraConfig(enabled=True, quantize_4bit=True), "cpu")
+        apply_lora(tiny_llama(tok), qlora, "cpu")
+    save_policy(tiny_llama(tok), tok, tmp_path)
+    with pytest.raises(StageFailed, match="QLoRA.*CUDA GPU; this run is on the CPU"):
+        load_trainable(tmp_path, qlora, "cpu")
+    model, _ = load_trainable(tmp_path, LoraConfig(enabled=True), "cpu")  # plain LoRA loads as before
+    assert model.dtype == torch.float32
+
+
+def test_qlora_is_refused_where_it_is_not_implemented():
+    from pipeline.config import ConfigError, load_config
+
+    for key in ("ppo.lora", "reward_model_helpful.lora"):
+        with pytest.raises(ConfigError, match="quantize_4bit"):
+            load_config("tiny", [f"{key}.enabled=true", f"{key}.quantize_4bit=true"])
+    assert load_config("tiny", ["sft.lora.enabled=true", "sft.lora.quantize_4bit=true"], check_device=False).sft.lora.quantize_4bit
 
 
 def test_lora_training_merges_into_a_plain_model(tok):
