@@ -45,7 +45,7 @@ def main() -> None:
     from pipeline.registry import Registry
 
     name, _ = card()
-    work = Path(args.work) / args.shape
+    work = Path(args.work) / f"{args.shape}-{os.getpid()}"  # fresh: every variant builds (no cache hits)
     ckpt, run = work / "checkpoint", work / "run"
     write_checkpoint(args.shape, Path(args.tokenizer), ckpt)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "RLHF_PROGRESS": "lines",
@@ -91,8 +91,8 @@ def main() -> None:
     checks["base_linear_layers_are_4bit"] = bool(line) and int(line.split()[1]) > 0 and line.split()[2] == "True"
     checks["probe"] = line or probe.stderr[-2000:]
 
-    # kill after the first checkpoint, rerun: it resumes (another seed: a version of its own)
-    kill_sets = flags(*qlora, "seed=1", "sft.checkpoint_every=4")
+    # kill after the first checkpoint, rerun: it resumes (another learning rate: a version of its own)
+    kill_sets = flags(*qlora, "sft.learning_rate=5e-5", "sft.checkpoint_every=4")
     cmd = [sys.executable, "-m", "pipeline.cli", "stage", "sft", "--config", "tiny", *kill_sets]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     t0 = time.time()
