@@ -60,8 +60,7 @@ ALLOW_UNSAFE_ENV = "RLHF_ALLOW_UNSAFE_OVERRIDES"  # set to 1 on the serving side
 SERVED_CONFIG_ENV = "RLHF_SERVED_CONFIG"  # the config `rlhf serve` was started with: its own values of UNSAFE_KEYS stand
 
 Mode = Literal["iteration", "bootstrap", "full", "stage"]
-StageName = Literal["data", "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety",
-                    "rejection_sampling", "ppo", "ghost_attention", "evaluate"]
+StageName = Literal[tuple(STAGES)]  # the stage registry's names: a bad one is refused when the run is created
 
 
 def plan(cfg: RunConfig, round: int) -> list[str]:

@@ -313,7 +313,7 @@ class EvaluateConfig(_Cfg):
     gatt_turns: int = Field(6, ge=1, description="Turns of the multi-turn adherence check.")
     gatt_dialogues: int = Field(30, ge=1, description="Dialogues of the multi-turn adherence check.")
     hacking_tolerance: float = Field(0.02, ge=0, description="Flag reward hacking when reward rises while gold helpfulness falls by more than this.")
-    judge: str = Field("rm", pattern=r"^(rm|command:\s*\S.*)$", description="Pairwise judge of the win rates outside the demo (the demo also judges with its gold oracle): 'rm' (the optimised reward models; not independent) or 'command: <shell command>' reading JSONL {prompt, a, b} on stdin and writing one {\"winner\": \"a\"|\"b\"|\"tie\"} line per pair (e.g. an LLM-as-judge).")
+    judge: str = Field("rm", pattern=r"^(rm|heldout_rm|command:\s*\S.*)$", description="Pairwise judge of the win rates outside the demo (the demo also judges with its gold oracle): 'rm' (the optimised reward models; not independent); 'heldout_rm' (stage judge_reward_model: a reward model trained only on the comparisons of the prompts held out from the optimised reward models, Llama 2 sec. 3.4.1's check); or 'command: <shell command>' reading JSONL {prompt, a, b} on stdin and writing one {\"winner\": \"a\"|\"b\"|\"tie\"} line per pair (e.g. an LLM-as-judge).")
     generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 
@@ -379,6 +379,11 @@ class RunConfig(_Cfg):
     collect_preferences: CollectPreferencesConfig = Field(default_factory=CollectPreferencesConfig, description="Stage `collect_preferences`.")
     reward_model_helpful: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Stage `reward_model_helpful`.")
     reward_model_safety: RewardModelConfig = Field(default_factory=RewardModelConfig, description="Stage `reward_model_safety`.")
+    judge_reward_model: RewardModelConfig = Field(
+        default_factory=lambda: RewardModelConfig(init_from="pretrained"),
+        description="Stage `judge_reward_model` (runs when evaluate.judge is 'heldout_rm'): a helpfulness RM trained on the "
+        "comparisons of the held-out prompts only (which the optimised RMs never see) and no static sets, from the "
+        "pretrained checkpoint; its eval_fraction and seed must match the reward models' for the split to be the same.")
     rejection_sampling: RejectionSamplingConfig = Field(default_factory=RejectionSamplingConfig, description="Stage `rejection_sampling`.")
     ppo: PPOConfig = Field(default_factory=PPOConfig, description="Stage `ppo`.")
     ghost_attention: GhostAttentionConfig = Field(default_factory=GhostAttentionConfig, description="Stage `ghost_attention`.")
@@ -392,7 +397,7 @@ class RunConfig(_Cfg):
 
 
 STAGE_SECTIONS = (
-    "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety",
+    "pretrained", "sft", "collect_preferences", "reward_model_helpful", "reward_model_safety", "judge_reward_model",
     "rejection_sampling", "ppo", "ghost_attention", "evaluate",
 )
 
@@ -694,7 +699,10 @@ def round_stages(cfg: RunConfig, round: int) -> list[str]:
     """The stages of one round, in DAG order (round 0 is pretrained + sft)."""
     if round == 0:
         return ["pretrained", "sft"]
-    stages = ["collect_preferences", "reward_model_helpful", "reward_model_safety", "rejection_sampling"]
+    stages = ["collect_preferences", "reward_model_helpful", "reward_model_safety"]
+    if cfg.evaluate.judge == "heldout_rm":
+        stages.append("judge_reward_model")
+    stages.append("rejection_sampling")
     if round >= cfg.ppo_from:
         stages.append("ppo")
     if round >= cfg.gatt_from:

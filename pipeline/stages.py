@@ -125,6 +125,8 @@ def _eval_inputs(cfg: RunConfig, r: int) -> InputRefs:
             refs[s] = (s, r)
     if r >= 2:
         refs["previous_evaluate"] = ("evaluate", r - 1)
+    if "judge_reward_model" in stages:
+        refs["judge"] = ("judge_reward_model", r)
     return refs
 
 
@@ -150,6 +152,10 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("reward_model_safety", "reward_models.train:run_safety", _rm_inputs("reward_model_safety"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
                   "Safety reward model, margin ranking loss.", distributed=True),
+        StageSpec("judge_reward_model", "reward_models.train:run_judge", _rm_inputs("judge_reward_model"),
+                  ("reward_models", *COMMON), "model", ("accuracy", "n_train"), "rlhf",
+                  "Held-out judge RM: trained on the held-out prompts' comparisons only, judges evaluate's win rates "
+                  "(evaluate.judge: heldout_rm).", distributed=True),
         StageSpec("rejection_sampling", "policies.rejection_sampling:run", _rs_inputs,
                   ("policies.rejection_sampling", "policies.trainer", "policies.generation", "reward_models", *COMMON), "model",
                   ("best_reward", "median_reward", "gold_helpfulness_selected"), "rlhf", "Best-of-K by the combined reward, then fine-tune.", distributed=True),

@@ -18,6 +18,7 @@ import json
 import random
 import shlex
 import subprocess
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -108,14 +109,36 @@ class CommandJudge(Judge):
         return out
 
 
-def make_judge(spec: str, seed: int = 0) -> Judge | None:
-    """evaluate.judge -> the external judge, or None for "rm" (the optimised reward models)."""
+class HeldOutRMJudge(Judge):
+    """The held-out judge RM (stage judge_reward_model): a reward model trained only on the comparisons of the
+    prompts the optimised reward models hold out, so RS and PPO never optimised against it; the higher reward
+    wins, equal is a tie (Llama 2 sec. 3.4.1 checks its RMs against such a held-out model)."""
+
+    def __init__(self, path, max_length: int, device: str, dtype: str = "float32"):
+        from reward_models.model import load_reward_model
+
+        self.model, self.tok = load_reward_model(path, device, dtype)
+        self.max_length, self.device = max_length, device
+        self.name = f"held-out judge RM ({Path(path).name})"
+
+    def outcomes(self, prompts, dialogues, a, b):
+        from reward_models.model import score
+
+        ra = score(self.model, self.tok, dialogues, a, self.max_length, self.device)
+        rb = score(self.model, self.tok, dialogues, b, self.max_length, self.device)
+        return win_outcomes(ra.tolist(), rb.tolist())
+
+
+def make_judge(spec: str, seed: int = 0, ctx: StageContext | None = None) -> Judge | None:
+    """evaluate.judge -> the independent judge, or None for "rm" (the optimised reward models)."""
     spec = spec.strip()
     if spec == "rm":
         return None
+    if spec == "heldout_rm" and ctx is not None:
+        return HeldOutRMJudge(ctx.input("judge").path, ctx.config.judge_reward_model.max_length, ctx.device, ctx.inference_dtype)
     if spec.startswith("command:") and spec[len("command:"):].strip():
         return CommandJudge(spec[len("command:"):].strip(), seed)
-    raise StageFailed(f"evaluate.judge must be 'rm' or 'command: <shell command>', got {spec!r}")
+    raise StageFailed(f"evaluate.judge must be 'rm', 'heldout_rm' or 'command: <shell command>', got {spec!r}")
 
 
 def ci(values, seed: int) -> list[float] | None:
@@ -225,7 +248,7 @@ def run(ctx: StageContext) -> dict:
             metrics[f"gold_win_rate_vs_{base}"] = float(np.mean(out))
             metrics[f"gold_win_rate_vs_{base}_ci95"] = ci(out, seed)
         judges["gold_win_rate"] = gj.name
-    external = make_judge(cfg.judge, seed)
+    external = make_judge(cfg.judge, seed, ctx)
     if external is not None:
         for base in ("sft", "previous"):
             out = external.outcomes(prompts, dialogues, replies["policy"], replies[base])

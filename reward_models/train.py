@@ -38,6 +38,11 @@ def run_safety(ctx: StageContext) -> dict:
     return train_reward_model(ctx, "safety")
 
 
+def run_judge(ctx: StageContext) -> dict:
+    """The held-out judge RM (evaluate.judge: heldout_rm): trained on what the optimised RMs hold out."""
+    return train_reward_model(ctx, "helpful", judge=True)
+
+
 def _init_path(ctx: StageContext):
     cfg = ctx.section
     if cfg.init_from == "previous" and "previous" in ctx.inputs:
@@ -63,7 +68,10 @@ def _load_static(ctx: StageContext) -> list[StaticSet]:
     return static_sets(read_static_preferences(ctx.input("data").file(STATIC_PREFERENCES)))
 
 
-def train_reward_model(ctx: StageContext, kind: str) -> dict:
+def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dict:
+    """A reward model of `kind` on the round's comparisons (split by prompt: the held-out prompts' comparisons
+    measure it). judge=True: the held-out judge RM, trained on exactly those held-out comparisons (both domains,
+    no static sets), so it has seen nothing the optimised RMs trained on; it is measured on the template pairs."""
     from pipeline.distributed import Sharded, all_sum, check_divisible, share
     from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
@@ -71,11 +79,18 @@ def train_reward_model(ctx: StageContext, kind: str) -> dict:
     device = ctx.device
     comparisons = _load_comparisons(ctx)
     train_all, held = holdout(comparisons, cfg.eval_fraction, ctx.config.seed)
-    static = _load_static(ctx)
-    train = mix_for(kind, train_all, cfg.mix_other_ratio, cfg.helpful_share, ctx.seed, static=static)
+    if judge:
+        train_all, held = held, []
+        rms = [ctx.config.reward_model_helpful, ctx.config.reward_model_safety]
+        if any(r.eval_fraction != cfg.eval_fraction for r in rms):
+            raise StageFailed(f"{ctx.stage}.eval_fraction ({cfg.eval_fraction}) must equal the reward models' "
+                              f"({', '.join(str(r.eval_fraction) for r in rms)}): the judge trains on what they hold out")
+    static = [] if judge else _load_static(ctx)
+    train = train_all if judge else mix_for(kind, train_all, cfg.mix_other_ratio, cfg.helpful_share, ctx.seed, static=static)
     static_ids = {id(c) for s in static for c in s.records}
     if not train:
-        raise StageFailed(f"{ctx.stage}: no {kind} comparisons to train on (collected: {len(comparisons)})")
+        raise StageFailed(f"{ctx.stage}: no {'held-out' if judge else kind} comparisons to train on (collected: {len(comparisons)}"
+                          + (f", held out: eval_fraction={cfg.eval_fraction}" if judge else "") + ")")
     model, tok = load_reward_model(_init_path(ctx), device)
     if cfg.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
