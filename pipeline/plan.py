@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, TrainConfig
+from .config import RunConfig, TrainConfig, round_stages
 
 GiB = 1024 ** 3
 GEN_BATCH_TOKENS = 16384  # policies.generation.generate(max_batch_tokens=...) default: rows x (prompt + new)
@@ -235,14 +235,18 @@ def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None, s
                            note="policy" + (" and the pretrained model" if cp.base_responses else "") + " resident"))
     plans.append(_reward_model("reward_model_helpful", shape, cfg.reward_model_helpful, setup))
     plans.append(_reward_model("reward_model_safety", shape, cfg.reward_model_safety, setup))
+    judge = "judge_reward_model" in round_stages(cfg, 1)
+    if judge:
+        plans.append(_reward_model("judge_reward_model", shape, cfg.judge_reward_model, setup))
     plans.append(_sft_like("rejection_sampling", shape, cfg.rejection_sampling, setup, scoring_params=rms,
                            note="sample with the policy, score with both reward models, then fine-tune"
                            + (f" (sharded over {setup.world} processes)" if setup.world > 1 else "")))
     plans.append(_ppo(cfg, shape, rms, setup))
     plans.append(_sft_like("ghost_attention", shape, cfg.ghost_attention, setup))
-    ev = sampling(shape, 3 * shape.params + rms, bytes_per=ib)
+    ev = sampling(shape, 3 * shape.params + rms, bytes_per=ib)  # the held-out judge RM loads after both RMs are freed
     plans.append(StagePlan("evaluate", ev["peak"], {**ev, "reward_models": rms * ib},
-                           "policy, previous policy, SFT and both reward models resident"))
+                           "policy, previous policy, SFT and both reward models resident"
+                           + ("; the judge RM replaces the two once they are freed" if judge else "")))
     return [p for p in plans if stages is None or p.stage in stages]
 
 

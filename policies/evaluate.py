@@ -14,6 +14,7 @@ interval (reward hacking) is flagged, with the tests that fired. Writes report.j
 """
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shlex
@@ -238,7 +239,13 @@ def run(ctx: StageContext) -> dict:
                 metrics[f"{name}_{kind}_ci95"] = ci(win_outcomes(*rep["_rewards"]), seed)
             metrics[f"{name}_{kind}_by_strength"] = {s: v["accuracy"] for s, v in rep["accuracy_by_strength"].items()}
 
-    # the independent judges: the demo's gold oracle, an external command
+    # the optimised reward models are done: free them before a held-out judge RM takes their place
+    del scorer, model, t
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # the independent judges: the demo's gold oracle, the held-out judge RM, an external command
     oracle = demo_oracle(ctx)
     judges: dict = {"rm_win_rate": RM_JUDGE}
     if oracle is not None:
