@@ -184,8 +184,11 @@ def run(ctx: StageContext) -> dict:
         models[name] = model
         # the same prompts and sampling seed every round, so rounds are compared on equal terms
         engines[name] = engine_for(cfg, model, art.path)
+        bar = ctx.progress(len(dialogues), f"sample {name}", unit="prompt")
         replies[name] = [r[0] for r in sample_replies(engines[name], tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed,
-                                                      top_p=cfg.generation.top_p, max_batch_tokens=cfg.generation.max_batch_tokens)]
+                                                      top_p=cfg.generation.top_p, max_batch_tokens=cfg.generation.max_batch_tokens,
+                                                      progress=bar.update)]
+        bar.close()
         scores[name] = scorer.score(dialogues, replies[name], safety, whiten=False)
     mine = scores["policy"]
     seed = ctx.config.seed
@@ -275,9 +278,11 @@ def run(ctx: StageContext) -> dict:
         metrics.update(gold["policy"])
         metrics.update({f"sft_{k}": v for k, v in gold["sft"].items()})
         metrics.update({f"previous_{k}": v for k, v in gold["previous"].items()})
+        bar = ctx.progress(len(policies) * len(dialogues), "greedy answers", unit="prompt")
         greedy = {name: [r[0] for r in sample_replies(engines[name], tok, dialogues, 1, cfg.max_new_tokens, 0.0, seed,
-                                                      max_batch_tokens=cfg.generation.max_batch_tokens)]
+                                                      max_batch_tokens=cfg.generation.max_batch_tokens, progress=bar.update)]
                   for name in policies}
+        bar.close()
         safe_idx = [i for i, p in enumerate(prompts) if p.is_safety]
         border_idx = [i for i, p in enumerate(prompts) if p.category == "borderline"]
 
@@ -320,8 +325,10 @@ def run(ctx: StageContext) -> dict:
                 verdicts.append(bool(checker(ins, reply)))
                 return verdicts[-1]
 
+            bar = ctx.progress(cfg.gatt_turns * cfg.gatt_dialogues, "GAtt adherence", unit="reply")
             by_turn = adherence_by_turn(models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, recording,
-                                        ctx.config.seed, cfg.max_new_tokens)
+                                        ctx.config.seed, cfg.max_new_tokens, progress=bar.update)
+            bar.close()
             n = cfg.gatt_dialogues
             per_dialogue = [late([float(verdicts[t * n + k]) for t in range(cfg.gatt_turns)]) for k in range(n)] \
                 if len(verdicts) == n * cfg.gatt_turns else []

@@ -111,9 +111,9 @@ def user_pool(ctx: StageContext, name: str = "prompts.jsonl") -> list[str]:
 
 
 def adherence_by_turn(model, tok, instructions_pool, users: Sequence[str], turns: int, n_dialogues: int, checker: Checker, seed: int,
-                      max_new_tokens: int) -> list[float]:
+                      max_new_tokens: int, progress=None) -> list[float]:
     """Share of replies obeying the system instruction at each turn 1..turns (greedy replies;
-    the instruction is only in the system message, as at deployment)."""
+    the instruction is only in the system message, as at deployment). progress(k): k dialogues answered."""
     rng = random.Random(seed)
     convs = []
     for _ in range(n_dialogues):
@@ -124,7 +124,7 @@ def adherence_by_turn(model, tok, instructions_pool, users: Sequence[str], turns
     for t in range(turns):
         for k, (_, msgs) in enumerate(convs):
             msgs.append({"role": "user", "content": picked[k * turns + t]})
-        replies = sample_replies(model, tok, [m for _, m in convs], 1, max_new_tokens, 0.0, seed + t)
+        replies = sample_replies(model, tok, [m for _, m in convs], 1, max_new_tokens, 0.0, seed + t, progress=progress)
         for (ins, msgs), r in zip(convs, replies):
             msgs.append({"role": "assistant", "content": r[0] or "..."})
             obeyed[t] += checker(ins, r[0])
@@ -151,11 +151,17 @@ def run(ctx: StageContext) -> dict:
     users = user_pool(ctx)
     held_out_users = user_pool(ctx, "eval_prompts.jsonl")
 
-    def adherence(m, instructions):  # held-out dialogues, greedy replies, instruction only in the system message
-        return adherence_by_turn(m, tok, instructions, held_out_users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
-                                 cfg.max_new_tokens) if checker else []
+    def adherence(m, instructions, what):  # held-out dialogues, greedy replies, instruction only in the system message
+        if not checker:
+            return []
+        bar = ctx.progress((cfg.turns + 2) * cfg.eval_dialogues, f"adherence {what}", unit="reply")
+        try:
+            return adherence_by_turn(m, tok, instructions, held_out_users, cfg.turns + 2, cfg.eval_dialogues, checker, ctx.seed + 1,
+                                     cfg.max_new_tokens, progress=bar.update)
+        finally:
+            bar.close()
 
-    before, before_unseen = adherence(model, pool), adherence(model, eval_pool)
+    before, before_unseen = adherence(model, pool, "before"), adherence(model, eval_pool, "before, unseen values")
 
     # synthesis: instruction attached to every user message, replies sampled turn by turn, batched
     dialogs = []
@@ -196,7 +202,7 @@ def run(ctx: StageContext) -> dict:
     model = merge_lora(model).eval()
     save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
-    after, after_unseen = adherence(model, pool), adherence(model, eval_pool)
+    after, after_unseen = adherence(model, pool, "after"), adherence(model, eval_pool, "after, unseen values")
     metrics = {
         "n_dialogues": len(dialogs),
         "n_trained": len(kept),
