@@ -3,6 +3,7 @@ limit from `rlhf cluster setup`, the deployments of `rlhf cluster yaml` register
 `prefect deploy --all`, and real process workers (one `cpu`, two `gpu` with one run each) running the
 tiny config's real stages. One worker is SIGKILLed mid-stage and a fresh one started.
 """
+import contextlib
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def cluster(tmp_path_factory):
     finally:
         for name, p in reversed(list(procs.items())):
             for pid in descendants(p.pid):
-                with __import__("contextlib").suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _stop(p)
 
