@@ -167,11 +167,10 @@ def builder_died(registry: Registry, stage: str, round: int, since: float) -> bo
     return bool(att) and att.get("status") == "interrupted" and float(att.get("started_at") or 0) >= since - 1
 
 
-def _reference(cfg: RunConfig, registry: Registry, stage: str, round: int, started: float, run_name: str) -> dict[str, Any]:
-    """The registry artifact a completed stage run produced (the version this config implies)."""
-    from pipeline.runner import Runner
-
-    version = Runner(cfg, echo=None).expected_version(stage, round)
+def _reference(runner: Any, stage: str, round: int, started: float, run_name: str) -> dict[str, Any]:
+    """The registry artifact a completed stage run produced (the version the runner's config implies)."""
+    registry = runner.registry
+    version = runner.expected_version(stage, round)
     art = registry.find(stage, round, version)
     if art is None:
         raise DispatchError(f"stage {stage} round {round}: flow run {run_name} completed, but version {version} (what this "
@@ -189,7 +188,10 @@ def run_wave(cfg: RunConfig, round: int, wave: list[str], args: dict[str, Any], 
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    o, registry = cfg.orchestration, Registry(cfg.run_dir)
+    from pipeline.runner import Runner
+
+    runner = Runner(cfg, echo=None)  # the versions this config implies: what each completed stage must have built
+    o, registry = cfg.orchestration, runner.registry
     runs = {s: _submit(s, round, cfg, args, 0, parent) for s in wave}
     tries = {s: 0 for s in wave}
     refs: dict[str, dict[str, Any]] = {}
@@ -203,7 +205,7 @@ def run_wave(cfg: RunConfig, round: int, wave: list[str], args: dict[str, Any], 
                 state = fr.state
                 started = fr.start_time.timestamp() if fr.start_time else None
                 if state is not None and state.is_completed():
-                    refs[s] = _reference(cfg, registry, s, round, started or time.time(), fr.name)
+                    refs[s] = _reference(runner, s, round, started or time.time(), fr.name)
                     continue
                 died = state is not None and state.is_running() and started is not None and builder_died(registry, s, round, started)
                 if died:

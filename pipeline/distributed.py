@@ -228,9 +228,10 @@ class Sharded:
     def __init__(self, model, device: str):
         self.world = world()
         self.plain = model
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from .models import is_quantized
+
         # a QLoRA base (4-bit, frozen, read from its artifact) stays out of checkpoints: they hold only what trains
-        self.frozen_out = bool(getattr(inner, "is_loaded_in_4bit", False))
+        self.frozen_out = is_quantized(model)
         if not self.world.distributed:
             self.module = model
             return
