@@ -533,7 +533,12 @@ def cluster_setup(
     """Create the work pools `cpu` and `gpu` (orchestration.pools) and the global concurrency limit `gpu` (needs PREFECT_API_URL)."""
     from flows.cluster import setup
 
-    setup(gpu_slots, config, pool_type, echo=typer.echo)
+    from .config import ConfigError
+
+    try:
+        setup(gpu_slots, config, pool_type, echo=typer.echo)
+    except ConfigError as e:
+        _fail(f"error: {e}")
 
 
 @cluster_app.command("yaml")

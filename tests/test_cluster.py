@@ -46,6 +46,13 @@ def test_job_variables_follow_the_config():
     assert job_variables(cfg, "data") == {}
 
 
+def test_cluster_setup_refuses_bad_arguments_by_name():
+    for args, msg in ((["--gpu-slots", "0"], "--gpu-slots must be >= 1 (got 0)"),
+                      (["--gpu-slots", "1", "--pool-type", "docker"], "--pool-type 'docker': allowed values: process, kubernetes")):
+        res = subprocess.run([str(BIN / "rlhf"), "cluster", "setup", *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_k8s_template_requests_the_gpus_and_mounts_the_runs():
     t = json.loads((ROOT / "docker" / "k8s-base-job-template.json").read_text())
     container = t["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
