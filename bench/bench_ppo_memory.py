@@ -1,7 +1,8 @@
 """Peak memory of one PPO step, in model copies: LoRA (reference = adapters off, value head on the
-shared trunk) against full fine-tuning with a frozen reference copy.
+shared trunk, dropout off as the stage runs it: `policies.ppo.prepare_policy`) against full fine-tuning
+with a frozen reference copy, and LoRA with gradient checkpointing.
 
-    python bench/bench_ppo_memory.py [--hidden 1024 --layers 8] [--lora]
+    python bench/bench_ppo_memory.py [--hidden 1024 --layers 8]
 
 Runs in a fresh process per variant; measures peak allocated memory (CUDA) or, on the CPU, the
 largest resident memory sampled after the forward, backward and optimiser step, above the baseline
@@ -31,13 +32,12 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, resp_len: int) -> dict:
+def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, resp_len: int, checkpointing: bool = False) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.config import LoraConfig
-    from policies.ppo import ValueHead, advantages, build_batch, forward_policy
+    from policies.ppo import ValueHead, advantages, build_batch, forward_policy, prepare_policy
     from policies.ppo_math import ppo_clip_loss, value_loss
-    from policies.trainer import apply_lora
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
     policy = LlamaForCausalLM(cfg).to(device)
     copy_bytes = sum(p.numel() * p.element_size() for p in policy.parameters())
     ref = None if lora else copy.deepcopy(policy).eval().requires_grad_(False)
-    policy = apply_lora(policy, LoraConfig(enabled=lora), device)
+    policy = prepare_policy(policy, LoraConfig(enabled=lora), device)
     head = ValueHead(hidden).to(device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
@@ -59,6 +59,9 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
     samples = []
     for _ in range(2):  # the second step has optimiser state
         old_logp, old_v, _, adv, ret = advantages(policy, head, None, ref, b, torch.randn(batch, device=device), 0.01)
+        if checkpointing:  # the stage turns it on for the updates only (ppo.gradient_checkpointing)
+            (policy.get_base_model() if lora else policy).activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
         logp, _, v = forward_policy(policy, head, None, b)
         loss = ppo_clip_loss(logp, old_logp, adv, b["mask"])[0] + 0.1 * value_loss(v, old_v, ret, b["mask"])[0]
         samples.append(rss_bytes())  # activations alive
@@ -67,8 +70,10 @@ def one_step(hidden: int, layers: int, lora: bool, batch: int, prompt_len: int, 
         samples.append(rss_bytes())  # gradients
         opt.step()
         samples.append(rss_bytes())  # optimiser state
+        if checkpointing:
+            (policy.get_base_model() if lora else policy).activation_checkpointing_disable()
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else max(samples) - base
-    return {"device": device, "lora": lora, "params_M": round(copy_bytes / 4e6, 1), "peak_model_copies": round(peak / copy_bytes, 2)}
+    return {"device": device, "lora": lora, "gradient_checkpointing": checkpointing, "params_M": round(copy_bytes / 4e6, 1), "peak_model_copies": round(peak / copy_bytes, 2)}
 
 
 def main() -> None:
@@ -78,13 +83,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--resp-len", type=int, default=64)
-    ap.add_argument("--variant", choices=["lora", "full"], help="run one variant in this process (internal)")
+    ap.add_argument("--variant", choices=["lora", "full", "lora_checkpointing"], help="run one variant in this process (internal)")
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(one_step(args.hidden, args.layers, args.variant == "lora", args.batch, args.prompt_len, args.resp_len)))
+        print(json.dumps(one_step(args.hidden, args.layers, args.variant != "full", args.batch, args.prompt_len, args.resp_len,
+                                  args.variant == "lora_checkpointing")))
         return
     out = []
-    for variant in ("lora", "full"):  # a fresh process each, so peaks do not mix
+    for variant in ("lora", "lora_checkpointing", "full"):  # a fresh process each, so peaks do not mix
         cmd = [sys.executable, __file__, "--variant", variant, "--hidden", str(args.hidden), "--layers", str(args.layers),
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--resp-len", str(args.resp_len)]
         # a fixed mmap threshold makes glibc hand freed tensors back to the OS, so resident memory

@@ -280,7 +280,7 @@ class PPOConfig(_Cfg):
                                          "updates (same results, less memory; off while sampling rollouts, which use the KV cache).")
     share_value_trunk: bool = Field(True, description="Value head on the policy trunk (saves a model copy) instead of a separate critic.")
     checkpoint_every: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled. PPO turns every dropout off, lora.dropout included (the first update's ratio pi/pi_old must be exactly 1).")
     generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")
 
 

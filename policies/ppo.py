@@ -81,6 +81,19 @@ def _lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def prepare_policy(policy, lora, device: str):
+    """The policy PPO trains: LoRA applied (when enabled) and every dropout off, LoRA's included. With dropout
+    on, the update's log-probs are drawn with other masks than the rollout's old log-probs, so the first
+    mini-batch's ratio pi/pi_old is not 1 and clips at random; and each LoRA dropout keeps a copy of its
+    module's input for the backward pass (0.6 model copies of a step's resident memory, bench/bench_ppo_memory.py).
+    The loop is TRL's `disable_dropout_in_model`, written out: importing trl costs 4 s for three lines."""
+    policy = apply_lora(policy, lora, device)
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return policy
+
+
 def forward_policy(model, head, critic, batch: dict, with_values: bool = True, temperature: float = 1.0):
     """Per-response-token (logprobs, entropy, values), each (B, A). Logits and values come from one
     pass through the shared trunk (or a separate critic trunk when configured). Log-probs and entropy
@@ -94,7 +107,8 @@ def forward_policy(model, head, critic, batch: dict, with_values: bool = True, t
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp = logprobs_from_logits(logits, resp)
-    ent = entropy_from_logits(logits)
+    with torch.no_grad():  # a statistic, never differentiated: in the graph it would keep 3 more (B, A, V) tensors
+        ent = entropy_from_logits(logits)
     values = None
     if with_values:
         if critic is not None:
@@ -259,7 +273,7 @@ def run(ctx: StageContext) -> dict:
     ref = None
     if not cfg.lora.enabled:  # pi_0 as a frozen copy; with LoRA it is the same weights with adapters off
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    policy = apply_lora(policy, cfg.lora, device)
+    policy = prepare_policy(policy, cfg.lora, device)
     critic = None
     if not cfg.share_value_trunk:
         critic = copy.deepcopy(_lm(policy).model).train()

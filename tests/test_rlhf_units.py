@@ -62,6 +62,38 @@ def test_reference_logprobs_do_not_move_during_ppo(tok, lora):
     assert not torch.allclose(after_pol, before_pol)  # while the policy moved
 
 
+def test_ppo_policy_has_no_dropout_so_the_first_ratio_is_one(tok):
+    """Issue 17: PPO turns every dropout off, LoRA's included. Else the update's log-probs use other dropout masks
+    than the rollout's old log-probs (ratio != 1 before any step), and each LoRA dropout keeps a copy of its input."""
+    from policies.ppo import ValueHead, forward_policy, prepare_policy
+    from policies.ppo_math import ppo_clip_loss
+    from policies.trainer import apply_lora
+
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.5)
+    batch = _ppo_batch(tok)
+
+    def trained(model):  # lora_B starts at zero (dropout then changes nothing): as after some PPO steps
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        return model.train()
+
+    plain = trained(apply_lora(tiny_llama(tok), lora, "cpu"))
+    with torch.no_grad():  # the hazard is real: with LoRA dropout on, two passes disagree
+        assert not torch.equal(forward_policy(plain, None, None, batch, False)[0], forward_policy(plain, None, None, batch, False)[0])
+
+    policy = trained(prepare_policy(tiny_llama(tok), lora, "cpu"))
+    head = ValueHead(policy.config.hidden_size)
+    with torch.no_grad():
+        old_logp = forward_policy(policy, head, None, batch)[0]
+    logp, ent, values = forward_policy(policy, head, None, batch)
+    _, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp, torch.ones_like(logp), batch["mask"])
+    assert torch.equal(logp.detach(), old_logp) and float(clip_frac) == 0.0 and float(approx_kl) == 0.0
+    assert logp.requires_grad and values.requires_grad
+    assert not ent.requires_grad  # a statistic: kept out of the autograd graph (memory)
+
+
 def test_gatt_training_dialogue_keeps_instruction_in_first_turn_and_trains_last_turn(tok):
     from data_specs.demo.world import DemoWorld
     from policies.ghost_attention import system_message, training_dialogue, with_instruction
