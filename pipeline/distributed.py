@@ -8,9 +8,9 @@ Who does what:
   artifact, write manifests and W&B; it tells the other ranks (`tell`/`hear`, over a gloo group) to join a
   build of a stage whose spec says `distributed=True`, and which artifact came out;
 * the trainers (`policies/trainer.py`, `reward_models/train.py`) shard the model (`Sharded`), give each rank its
-  share of every step's rows (`share`), save resume checkpoints as full state dicts written by rank 0 and read
-  by every rank (`save_train_state`/`load_train_state`), and hand the stage back a plain, unsharded model with
-  the trained weights on every rank (`Sharded.unshard`);
+  share of every step's rows (`share`), save resume checkpoints (`save_train_state`/`load_train_state`: with
+  several processes each rank writes and reads its own shard, `Sharded.save_shards`), and hand the stage back a
+  plain, unsharded model with the trained weights on every rank (`Sharded.unshard`);
 * PPO (`policies/ppo.py`) keeps its policy replicated (LoRA makes the trainable part small): each rank samples and
   scores its share of the rollout prompts, `gather` puts the batch together on every rank, each rank takes its
   share of every mini-batch, and `all_reduce_grads` sums the gradients before the identical optimiser steps;
@@ -267,6 +267,28 @@ class Sharded:
 
         set_state_dict(self.module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=not self.frozen_out))
+
+    def save_shards(self, optimizer, directory) -> None:
+        """Every rank writes its own shard of the model and optimiser state under `directory`
+        (torch.distributed.checkpoint: a file per rank plus `.metadata`); nothing is gathered. Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
+
+    def load_shards(self, optimizer, directory) -> None:
+        """Read a `save_shards` checkpoint into this model and optimiser: each rank reads the slices it holds, whatever
+        the number of processes that wrote it (one process reads whole tensors). Collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        # get_state_dict creates the optimiser's moments (zeros) when it has taken no step yet, so there is room to read into
+        model_state, optim_state = get_state_dict(self.module, optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(strict=not self.frozen_out))
 
     def unshard(self, device: str):
         """The stage's model with the trained weights (every rank), for saving, sampling and scoring."""

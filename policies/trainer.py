@@ -17,11 +17,12 @@ import logging
 import math
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,11 @@ def merge_lora(model):
 # (temporary file beside the target, fsync, rename); the previous checkpoint is kept as `<name>.prev`.
 # A checkpoint that cannot be read is moved aside to `<name>.corrupt` with a warning naming it and why,
 # and training resumes from `<name>.prev` or, failing that, from step 0.
+#
+# With several processes the model and optimiser state are not gathered: every rank writes its own shard
+# (torch.distributed.checkpoint) into `<name>.step<N>.shards/`, a folder written under a temporary name and
+# renamed when complete, and the file `<name>` (written last, as above) points to it. The folders the file and
+# its `.prev` point to are kept, any other is removed. Any number of processes reads them back.
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 2  # 2: state dicts keyed by parameter name (torch.distributed.checkpoint.state_dict), any world size
@@ -253,10 +259,11 @@ def _why_unreadable(e: BaseException) -> str:
     return f"it is truncated or corrupt ({type(e).__name__}: {lines[0].split('. ')[0][:200]})"
 
 
-def load_checkpoint(path: Path, required: Sequence[str] = ("step",)) -> dict | None:
+def load_checkpoint(path: Path, required: Sequence[str] = ("step",), check: Callable[[dict], str | None] | None = None) -> dict | None:
     """The newest readable checkpoint at `path` (or its `.prev`), loaded with `weights_only=True`; None when
-    there is none. An unreadable one (truncated, corrupt, not plain tensors, missing `required` keys) is
-    moved aside to `<name>.corrupt` with a warning naming the file and why; it never stops the run."""
+    there is none. An unreadable one (truncated, corrupt, not plain tensors, missing `required` keys, or what
+    `check(state)` says is wrong with it) is moved aside to `<name>.corrupt` with a warning naming the file and
+    why; it never stops the run."""
     path = Path(path)
     _remove_stale_tmp(path)
     for cand in (path, _prev(path)):
@@ -271,6 +278,8 @@ def load_checkpoint(path: Path, required: Sequence[str] = ("step",)) -> dict | N
                 raise _Unusable(f"it lacks {', '.join(missing)}")
             if "step" in required and (not isinstance(state["step"], int) or state["step"] < 0):
                 raise _Unusable(f"its step is {state['step']!r}")
+            if check is not None and (why := check(state)):
+                raise _Unusable(why)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside, never fatal
             why = str(e) if isinstance(e, _Unusable) else _why_unreadable(e)
             aside = cand.with_name(cand.name + ".corrupt")
@@ -332,25 +341,75 @@ def save_on_main(path: Path, **state) -> None:
     barrier()
 
 
-def load_on_main(path: Path, required: Sequence[str] = ("step",)) -> dict | None:
+def load_on_main(path: Path, required: Sequence[str] = ("step",), check: Callable[[dict], str | None] | None = None) -> dict | None:
     """load_checkpoint decided by rank 0 (which may set an unreadable file aside), the same state on every rank."""
-    return from_main(load_checkpoint(path, required=required) if world().is_main else None)
+    return from_main(load_checkpoint(path, required=required, check=check) if world().is_main else None)
+
+
+def _shards_dir(path: Path, step: int) -> Path:
+    return path.with_name(f"{path.name}.step{step}.shards")
+
+
+def _prune_shards(path: Path) -> None:
+    """Remove the shard folders of `path` that neither it nor its `.prev` points to (older ones, and the
+    temporary folders of saves that were killed)."""
+    keep = set()
+    for cand in (path, _prev(path)):
+        with contextlib.suppress(Exception):
+            state = torch.load(cand, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("shards"), str):
+                keep.add(state["shards"])
+    for d in [*path.parent.glob(f"{path.name}.step*.shards"), *path.parent.glob(f".{path.name}.step*.shards.tmp")]:
+        if d.name not in keep:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def save_train_state(path: Path, sharded, opt, sched, step: int) -> None:
-    """A resume checkpoint: full state dicts keyed by parameter name (gathered from every rank, written by
-    rank 0), so it resumes with any number of processes."""
-    model_state, optim_state = sharded.state(opt)
-    save_on_main(path, model=model_state, optimizer=optim_state, scheduler=sched.state_dict(), step=step,
-                 rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
+    """A resume checkpoint that resumes with any number of processes. One process: full state dicts keyed by
+    parameter name in `path`. Several: each rank writes its own shard into a folder beside `path` (nothing is
+    gathered: at 70B the full state would not fit one host), then rank 0 writes `path` pointing to it."""
+    extras = dict(scheduler=sched.state_dict(), step=step, rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
+    if not sharded.world.distributed:
+        model_state, optim_state = sharded.state(opt)
+        save_on_main(path, model=model_state, optimizer=optim_state, **extras)
+        return
+    final = _shards_dir(path, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if sharded.world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed mid-write
+    barrier()
+    sharded.save_shards(opt, tmp)  # every rank writes its shard (files fsynced), rank 0 the metadata
+    barrier()
+    if sharded.world.is_main:
+        shutil.rmtree(final, ignore_errors=True)  # not pointed to (a save killed between rename and pointer)
+        os.replace(tmp, final)
+        with contextlib.suppress(OSError):
+            fsync_path(path.parent)
+    save_on_main(path, shards=final.name, world_size=sharded.world.size, **extras)
+    if sharded.world.is_main:
+        _prune_shards(path)
 
 
 def load_train_state(path: Path, sharded, opt, sched) -> int:
     """Load the checkpoint at `path` (or its `.prev`) into every rank; the step it was saved at, or 0."""
-    state = load_on_main(path, required=("model", "optimizer", "scheduler", "step", "format", "rng"))
+    def check(state: dict) -> str | None:
+        if "shards" in state:
+            if not (path.parent / str(state["shards"]) / ".metadata").is_file():
+                return f"the shards it points to, {path.parent / str(state['shards'])}, are missing or incomplete"
+            return None
+        missing = [k for k in ("model", "optimizer") if k not in state]
+        return f"it lacks {', '.join(missing)}" if missing else None
+
+    state = load_on_main(path, required=("scheduler", "step", "format", "rng"), check=check)
+    if world().is_main:
+        _prune_shards(path)
     if state is None:
         return 0
-    sharded.load_state(opt, state["model"], state["optimizer"])
+    if "shards" in state:
+        sharded.load_shards(opt, path.parent / state["shards"])
+    else:
+        sharded.load_state(opt, state["model"], state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"]

@@ -140,6 +140,24 @@ def test_unreadable_checkpoint_without_previous_restarts_from_zero(tok, rows, tm
     assert torch.load(ckpt, weights_only=True)["step"] == 6  # a good checkpoint again
 
 
+def test_checkpoint_pointing_to_missing_shards_falls_back_to_the_previous_one(tok, rows, tmp_path, caplog):
+    """Several processes write their shards to a folder that the checkpoint file points to: a file whose folder is
+    gone (deleted, or a copy of the work dir without it) is set aside, naming the folder, and .prev is used."""
+    ctx = make_ctx(tmp_path)
+    train(tok, rows, ctx)
+    ckpt = ctx.work_dir / "train_state.pt"
+    state = torch.load(ckpt, weights_only=True)
+    pointer = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+    torch.save({**pointer, "shards": "train_state.pt.step6.shards", "world_size": 2}, ckpt)
+    (ctx.work_dir / "train_state.pt.step1.shards").mkdir()  # a folder nothing points to: removed on load
+    with caplog.at_level(logging.WARNING):
+        _, metrics = train(tok, rows, ctx)
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "train_state.pt.step6.shards" in warning and "missing" in warning
+    assert metrics["resumed_from_step"] == 3  # from train_state.pt.prev
+    assert not (ctx.work_dir / "train_state.pt.step1.shards").exists()
+
+
 def test_checkpoint_missing_state_is_set_aside(tmp_path, caplog):
     path = tmp_path / "train_state.pt"
     save_checkpoint(path, step=4, model={"w": torch.ones(2)})  # no optimizer: not one of our training states

@@ -142,6 +142,16 @@ def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run,
     proc.wait(timeout=60)
     assert Registry(run).find("sft", 0) is None
 
+    # the checkpoint is per rank: each process wrote its own shard, nothing was gathered into the file
+    import torch
+
+    pointer = torch.load(ckpts[0], weights_only=True)
+    assert "model" not in pointer and pointer["world_size"] == 2
+    shards = ckpts[0].parent / pointer["shards"]
+    assert sorted(f.name for f in shards.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    one_proc = tmp_path / "one_proc"  # the same crashed run, resumed by ONE process from the two processes' shards
+    shutil.copytree(run, one_proc)
+
     p = rlhf("stage", "sft", *_tiny(run, *sets), "--nproc", "2")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     art = Registry(run).find("sft", 0)
@@ -158,6 +168,12 @@ def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run,
     one = Registry(ref).find("sft", 0)
     assert one.version == art.version
     assert abs(one.metrics["train_loss"] - art.metrics["train_loss"]) <= 1e-3 * abs(one.metrics["train_loss"])
+
+    p = rlhf("stage", "sft", *_tiny(one_proc, *sets))
+    assert p.returncode == 0, p.stderr[-3000:]
+    resumed = Registry(one_proc).find("sft", 0)
+    assert resumed.metrics["resumed_from_step"] >= 10 and resumed.metrics["world_size"] == 1
+    assert abs(one.metrics["train_loss"] - resumed.metrics["train_loss"]) <= 1e-3 * abs(one.metrics["train_loss"])
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(two_process_run, tmp_path):
