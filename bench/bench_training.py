@@ -3,7 +3,8 @@
     python bench/bench_training.py [--hidden 256 --layers 4 --n 2000] [--baseline ../shared/bench/trl_baseline.py]
 
 Runs ../shared/bench/trl_baseline.py (TRL SFTTrainer and RewardTrainer) in a subprocess at fp32 and at
-bf16, then our packed answer-only SFT loop and our one-forward chosen+rejected reward-model loop on the
+bf16, then our packed answer-only SFT loop and our reward-model loop (chosen and rejected in one row, the prompt
+computed once: `forward_pair_rewards`) on the
 same tiny Llama, the same generated data and the same machine at both precisions. Prints one JSON line
 per same-precision ratio, then one with every figure. Tokens/s counts real (prompt + completion) tokens,
 as the baseline does.
@@ -87,7 +88,7 @@ def ours_rm(tok, cfg, pairs, rejected, bf16: bool, micro: int = 8) -> float:
 
     from policies.trainer import make_optimizer
     from reward_models.losses import ranking_loss
-    from reward_models.model import forward_rewards
+    from reward_models.model import forward_pair_rewards
 
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(LlamaConfig(**{**cfg.to_dict(), "num_labels": 1})).train()
@@ -99,10 +100,9 @@ def ours_rm(tok, cfg, pairs, rejected, bf16: bool, micro: int = 8) -> float:
     batches = [order[i : i + micro] for i in range(0, len(order), micro)]
     random.Random(0).shuffle(batches)
     for mb in batches:
-        seqs = [data[i][0] for i in mb] + [data[i][1] for i in mb]  # chosen and rejected in one forward
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            r = forward_rewards(rm, seqs, tok.pad_token_id, "cpu")
-        loss = ranking_loss(r[: len(mb)], r[len(mb):], torch.ones(len(mb)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # a pair per row, its prompt computed once (the stage's path)
+            rc, rr = forward_pair_rewards(rm, [data[i] for i in mb], tok.pad_token_id, "cpu")
+        loss = ranking_loss(rc, rr, torch.ones(len(mb)))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

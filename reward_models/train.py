@@ -6,7 +6,8 @@
 Each starts from the configured checkpoint (the round's starting policy by default), replaces the
 LM head with a scalar head and trains one epoch on all comparisons collected so far, in the
 paper's data mix, with the margin ranking loss -log sigmoid(r_c - r_r - m(strength)).
-Chosen and rejected go through the model in one forward pass. Resumes from its checkpoint.
+Chosen and rejected go through the model in one forward pass, sharing one row and one computation of
+their prompt (`forward_pair_rewards`). Resumes from its checkpoint.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
 from .data import StaticSet, holdout, mix_for, prompt_key, static_sets
 from .losses import margin_for, pairwise_accuracy, ranking_loss
-from .model import RewardForward, encode_pair, forward_rewards, load_reward_model, score
+from .model import RewardForward, encode_pair, forward_pair_rewards, load_reward_model, score
 
 
 HELD_OUT_FILE = "held_out_comparisons.jsonl"  # the RM's own-domain held-out on-policy comparisons (evaluate reads it)
@@ -131,10 +132,8 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
         loss_total, correct = 0.0, 0.0
         for j in range(0, len(mine), cfg.micro_batch_size):
             mb = mine[j : j + cfg.micro_batch_size]
-            seqs = [encoded[i][0] for i in mb] + [encoded[i][1] for i in mb]  # chosen and rejected in one forward
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):
-                r = forward_rewards(net, seqs, tok.pad_token_id, device)
-            rc, rr = r[: len(mb)], r[len(mb):]
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.bf16):  # a pair per row, prompt once
+                rc, rr = forward_pair_rewards(net, [encoded[i] for i in mb], tok.pad_token_id, device)
             loss = ranking_loss(rc, rr, margins[mb].to(device))
             if cfg.aux_safety_weight > 0:
                 loss = loss + cfg.aux_safety_weight * aux_safety_loss(rc, rr, [safe_labels[i] for i in mb])

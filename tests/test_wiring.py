@@ -626,6 +626,45 @@ def test_reward_scores_read_the_last_real_token_regardless_of_padding(tok, two_r
     assert len(encode_pair(t, DIALOGUES[0], "word " * 100, 20)) == 20
 
 
+def test_a_pair_sharing_one_row_scores_as_each_sequence_alone(tok, two_rms):
+    """Issue 17: chosen and rejected share one row and one computation of their prompt (pack_pairs). Each reward,
+    and each gradient, must equal the one of its sequence scored alone: a rejected token that saw the chosen
+    response, a wrong position or a reward read at the wrong token would break it."""
+    from reward_models.model import (encode_pair, forward_pair_rewards, forward_rewards, load_reward_model, pack_pairs,
+                                     shared_prefix)
+
+    rm, t = load_reward_model(two_rms[0])
+    rm.eval()
+    pairs = [(encode_pair(t, d, a, 64), encode_pair(t, d, b, 64))
+             for d, a, b in zip(DIALOGUES, ["Velmor.", "It is Velmor, a city by the sea.", "No."], ["Paris, I think.", "No.", "No idea at all."])]
+    pairs.append((pairs[0][0], pairs[0][0] + [5, 6]))  # a chosen sequence that is a prefix of the rejected one
+    assert all(shared_prefix(c, r) > 0 for c, r in pairs)  # the prompt really is shared
+    ids, mask, pos, ends = pack_pairs(pairs, t.pad_token_id)
+    assert ids.shape[1] < max(len(c) for c, _ in pairs) + max(len(r) for _, r in pairs)
+
+    def alone():
+        return (torch.cat([forward_rewards(rm, [c], t.pad_token_id, "cpu") for c, _ in pairs]),
+                torch.cat([forward_rewards(rm, [r], t.pad_token_id, "cpu") for _, r in pairs]))
+
+    rc, rr = forward_pair_rewards(rm, pairs, t.pad_token_id, "cpu")
+    ac, ar = alone()
+    assert torch.allclose(rc, ac, atol=1e-5) and torch.allclose(rr, ar, atol=1e-5)
+    assert not torch.allclose(rc, rr, atol=1e-3)
+    # the gradients of a ranking loss are those of the separate sequences too
+    (rc - rr).sum().backward()
+    packed = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    ac, ar = alone()
+    (ac - ar).sum().backward()
+    assert all(torch.allclose(a, b.grad, atol=1e-5) for a, b in zip(packed, rm.parameters()))
+    # an attention that cannot take the 4D mask (eager adds it to the scores) scores one sequence per row instead
+    rm.config._attn_implementation = "eager"
+    with torch.no_grad():
+        ec, er = forward_pair_rewards(rm, pairs, t.pad_token_id, "cpu")
+    rm.config._attn_implementation = "sdpa"
+    assert torch.allclose(ec, ac, atol=1e-5) and torch.allclose(er, ar, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- rejection sampling, GAtt
 
 
