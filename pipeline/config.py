@@ -331,6 +331,10 @@ class HardwareConfig(_Cfg):
     gpus: int = Field(1, ge=1, description="GPUs (processes) per node the run is launched with (`--nproc`, torchrun): the training "
                       "stages shard over all of them (see `rlhf plan`).")
     nodes: int = Field(1, ge=1, description="Nodes the run is launched on (torchrun --nnodes).")
+    sharding: Literal["fsdp2", "deepspeed"] = Field(
+        "fsdp2", description="How the training stages shard the model over several processes: fsdp2 (torch's fully_shard) or "
+        "deepspeed (DeepSpeed ZeRO-3; pip install -e '.[deepspeed]'). Same maths, same versions; fsdp2's resume checkpoints "
+        "reshard to any number of processes, DeepSpeed's resume with the same number.")
 
 
 class OrchestrationConfig(_Cfg):

@@ -19,7 +19,8 @@ Who does what:
 Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate 1.15 turns FSDP on only for GPU-family
 distributed types; on CPU processes (`MULTI_CPU`) it silently falls back to DDP (`accelerate/state.py`), so the
 code the tests run here could not be the code a GPU cluster runs. `fully_shard` (FSDP2, which accelerate
-calls underneath) runs on gloo (CPU) and NCCL (GPU) alike. DeepSpeed ZeRO-3 is not wired.
+calls underneath) runs on gloo (CPU) and NCCL (GPU) alike. DeepSpeed ZeRO-3 is the other engine
+(`hardware.sharding: deepspeed`), called directly for the same reason: accelerate drops DeepSpeed for CPU processes.
 """
 from __future__ import annotations
 
@@ -221,82 +222,130 @@ def _layers(model) -> list[torch.nn.Module]:
 
 
 class Sharded:
-    """The model a trainer trains: the stage's model itself in one process; with several, an FSDP2-sharded
-    copy (each decoder block and the root sharded across ranks) while the stage's model waits on the meta
-    device, holding no memory, until `unshard` loads the trained weights back into it on every rank."""
+    """The model a trainer trains, and its optimiser: the stage's model itself in one process; with several, a
+    sharded copy while the stage's model waits on the meta device, holding no memory, until `unshard` loads the
+    trained weights back into it on every rank. Two engines shard (`hardware.sharding`):
+    * fsdp2 (default): torch's `fully_shard` on each decoder block and the root;
+    * deepspeed: DeepSpeed ZeRO stage 3 (`pip install -e '.[deepspeed]'`; on the CPU its CPU accelerator over gloo).
+    The trainer's loop is the same for both: `backward(loss)` per micro-batch, `step(scheduler)` per optimiser step.
+    `micro_batches`: backward calls per optimiser step on each rank (DeepSpeed counts them to know when to step)."""
 
-    def __init__(self, model, device: str):
+    def __init__(self, model, device: str, make_optimizer, engine: str = "fsdp2", micro_batches: int = 1,
+                 max_grad_norm: float = 1.0):
         self.world = world()
         self.plain = model
+        self.max_grad_norm = max_grad_norm
+        self.engine = engine if self.world.distributed else "single"
         from .models import is_quantized
 
         # a QLoRA base (4-bit, frozen, read from its artifact) stays out of checkpoints: they hold only what trains
         self.frozen_out = is_quantized(model)
         if not self.world.distributed:
             self.module = model
+            self.optimizer = make_optimizer(model)
             return
-        from torch.distributed.fsdp import fully_shard
-
-        self.module = copy.deepcopy(model)
+        if engine not in ("fsdp2", "deepspeed"):
+            raise ValueError(f"hardware.sharding must be 'fsdp2' or 'deepspeed', got {engine!r}")
+        shard = copy.deepcopy(model)
         # non-persistent buffers (rotary frequencies) are in no state dict: keep them for `unshard`
         self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         model.to("meta")  # the shell: same modules and names, no storage
-        for layer in _layers(self.module):
-            fully_shard(layer)
-        fully_shard(self.module)
+        if engine == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in _layers(shard):
+                fully_shard(layer)
+            fully_shard(shard)
+            self.module = shard
+            self.optimizer = make_optimizer(shard)
+            return
+        self.optimizer = make_optimizer(shard)  # the torch optimiser DeepSpeed wraps: the scheduler sets its lr
+        self.module = _deepspeed_engine(shard, self.optimizer, device, micro_batches, max_grad_norm, self.world)
 
     @property
     def grad_scale(self) -> float:
-        """FSDP averages gradients over ranks; a rank's loss is its share of the global sum, so scale it back."""
+        """FSDP and DeepSpeed average gradients over ranks; a rank's loss is its share of the global sum, so scale it back."""
         return float(self.world.size)
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], max_norm)
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate one micro-batch's gradient."""
+        if self.engine == "deepspeed":
+            self.module.backward(loss, scale_wrt_gas=False)  # our losses are already each micro-batch's share
+            self.module.step()  # DeepSpeed steps at the last micro-batch of a step (clipping there) and counts the others
+        else:
+            loss.backward()
+
+    def step(self, scheduler) -> float:
+        """Clip the gradient to `max_grad_norm`, step the optimiser and `scheduler`, clear the gradient. Returns
+        the gradient's norm before clipping."""
+        if self.engine == "deepspeed":  # the engine stepped at the last micro-batch's `backward`
+            scheduler.step()
+            return float(self.module.get_global_grad_norm())
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        self.optimizer.step()
+        scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def state(self, optimizer) -> tuple[dict, dict]:
+    def state(self) -> tuple[dict, dict]:
         """Full (unsharded) model and optimiser state dicts on the CPU, keyed by parameter name on every path,
         so a checkpoint resumes with any number of processes."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(self.module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+        return get_state_dict(self.module, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                                ignore_frozen_params=self.frozen_out))
 
-    def load_state(self, optimizer, model_state: dict, optim_state: dict) -> None:
+    def load_state(self, model_state: dict, optim_state: dict) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(self.module, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+        set_state_dict(self.module, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=not self.frozen_out))
 
-    def save_shards(self, optimizer, directory) -> None:
-        """Every rank writes its own shard of the model and optimiser state under `directory`
-        (torch.distributed.checkpoint: a file per rank plus `.metadata`); nothing is gathered. Collective."""
+    def save_shards(self, directory) -> None:
+        """Every rank writes its own shard of the model and optimiser state under `directory`; nothing is gathered.
+        fsdp2: torch.distributed.checkpoint (a file per rank plus `.metadata`), which any number of processes reads
+        back; deepspeed: the engine's own checkpoint, which resumes with the same number of processes. Collective."""
+        if self.engine == "deepspeed":
+            self.module.save_checkpoint(str(directory), tag="state", save_latest=False)
+            return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory))
 
-    def load_shards(self, optimizer, directory) -> None:
-        """Read a `save_shards` checkpoint into this model and optimiser: each rank reads the slices it holds, whatever
-        the number of processes that wrote it (one process reads whole tensors). Collective."""
+    def load_shards(self, directory) -> None:
+        """Read a `save_shards` checkpoint into this model and optimiser: each rank reads the slices it holds. Collective."""
+        if self.engine == "deepspeed":
+            self.module.load_checkpoint(str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=False)
+            return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         # get_state_dict creates the optimiser's moments (zeros) when it has taken no step yet, so there is room to read into
-        model_state, optim_state = get_state_dict(self.module, optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=StateDictOptions(ignore_frozen_params=self.frozen_out))
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(strict=not self.frozen_out))
 
     def unshard(self, device: str):
         """The stage's model with the trained weights (every rank), for saving, sampling and scoring."""
         if not self.world.distributed:
             return self.plain
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        if self.engine == "deepspeed":
+            import deepspeed
 
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))  # all-gathered on every rank
+            inner = self.module.module
+            with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=None):  # whole on every rank
+                full = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+            self.module.destroy()
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))  # all-gathered on every rank
+        training = self.module.training
         self.plain.to_empty(device=device)
         self.plain.load_state_dict(full, strict=True)
         with torch.no_grad():
@@ -305,9 +354,31 @@ class Sharded:
         inner = self.plain.get_base_model() if hasattr(self.plain, "get_base_model") else self.plain
         if hasattr(inner, "tie_weights"):
             inner.tie_weights()
-        self.plain.train(self.module.training)
+        self.plain.train(training)
         del self.module
         return self.plain
+
+
+def _deepspeed_engine(module, optimizer, device: str, micro_batches: int, max_grad_norm: float, w: World):
+    """`module` partitioned by DeepSpeed ZeRO-3 with `optimizer`, stepping every `micro_batches` backward calls.
+    Written for DeepSpeed 0.19; the training precision stays ours (float32 master weights, the stage's bf16 autocast)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device == "cpu" else "cuda")
+    try:
+        import deepspeed
+    except ImportError as e:
+        from .errors import StageFailed
+
+        raise StageFailed("hardware.sharding=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' "
+                          "(or set hardware.sharding=fsdp2, the default)") from e
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins the process group `init` made
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": micro_batches,
+              "train_batch_size": micro_batches * w.size, "gradient_clipping": max_grad_norm,
+              "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True,
+              "bf16": {"enabled": False}, "fp16": {"enabled": False}, "steps_per_print": 1 << 30}
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+    return engine
 
 
 def barrier() -> None:

@@ -364,13 +364,13 @@ def _prune_shards(path: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def save_train_state(path: Path, sharded, opt, sched, step: int) -> None:
-    """A resume checkpoint that resumes with any number of processes. One process: full state dicts keyed by
-    parameter name in `path`. Several: each rank writes its own shard into a folder beside `path` (nothing is
+def save_train_state(path: Path, sharded, sched, step: int) -> None:
+    """A resume checkpoint. One process: full state dicts keyed by parameter name in `path`, which any number of
+    processes resumes from. Several: each rank writes its own shard into a folder beside `path` (nothing is
     gathered: at 70B the full state would not fit one host), then rank 0 writes `path` pointing to it."""
     extras = dict(scheduler=sched.state_dict(), step=step, rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
     if not sharded.world.distributed:
-        model_state, optim_state = sharded.state(opt)
+        model_state, optim_state = sharded.state()
         save_on_main(path, model=model_state, optimizer=optim_state, **extras)
         return
     final = _shards_dir(path, step)
@@ -379,24 +379,36 @@ def save_train_state(path: Path, sharded, opt, sched, step: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed mid-write
     barrier()
-    sharded.save_shards(opt, tmp)  # every rank writes its shard (files fsynced), rank 0 the metadata
+    sharded.save_shards(tmp)  # every rank writes its shard
     barrier()
-    if sharded.world.is_main:
+    if sharded.world.is_main:  # complete: the folder takes its name, so a folder of that name is always whole
         shutil.rmtree(final, ignore_errors=True)  # not pointed to (a save killed between rename and pointer)
         os.replace(tmp, final)
         with contextlib.suppress(OSError):
             fsync_path(path.parent)
-    save_on_main(path, shards=final.name, world_size=sharded.world.size, **extras)
+    save_on_main(path, shards=final.name, engine=sharded.engine, world_size=sharded.world.size, **extras)
     if sharded.world.is_main:
         _prune_shards(path)
 
 
-def load_train_state(path: Path, sharded, opt, sched) -> int:
+def _readable_by(state: dict, sharded) -> str | None:
+    """Why `sharded` cannot read the shards `state` points to (None: it can). torch.distributed.checkpoint shards
+    (fsdp2) reshard to any number of processes; DeepSpeed's resume only with DeepSpeed and as many processes."""
+    written, n = state.get("engine", "fsdp2"), state.get("world_size")
+    if written == "deepspeed" and (sharded.engine != "deepspeed" or n != sharded.world.size):
+        return (f"it was written by DeepSpeed ZeRO-3 in {n} processes, which resumes only with hardware.sharding=deepspeed "
+                f"and --nproc {n}")
+    if written != "deepspeed" and sharded.engine == "deepspeed":
+        return f"it holds {written} (torch.distributed.checkpoint) shards, which DeepSpeed cannot read: resume with hardware.sharding={written}"
+    return None
+
+
+def load_train_state(path: Path, sharded, sched) -> int:
     """Load the checkpoint at `path` (or its `.prev`) into every rank; the step it was saved at, or 0."""
     def check(state: dict) -> str | None:
         if "shards" in state:
-            if not (path.parent / str(state["shards"]) / ".metadata").is_file():
-                return f"the shards it points to, {path.parent / str(state['shards'])}, are missing or incomplete"
+            if not (path.parent / str(state["shards"])).is_dir():
+                return f"the shards it points to, {path.parent / str(state['shards'])}, are missing"
             return None
         missing = [k for k in ("model", "optimizer") if k not in state]
         return f"it lacks {', '.join(missing)}" if missing else None
@@ -407,9 +419,14 @@ def load_train_state(path: Path, sharded, opt, sched) -> int:
     if state is None:
         return 0
     if "shards" in state:
-        sharded.load_shards(opt, path.parent / state["shards"])
+        if why := _readable_by(state, sharded):
+            raise StageFailed(f"cannot resume from {path}: {why} (or delete {path} and its shards to start over)")
+        sharded.load_shards(path.parent / state["shards"])
     else:
-        sharded.load_state(opt, state["model"], state["optimizer"])
+        if sharded.engine == "deepspeed":  # DeepSpeed reads no full state dicts; it starts from the same weights
+            raise StageFailed(f"cannot resume from {path}: it holds full state dicts (one process wrote it), which "
+                              "DeepSpeed cannot read: resume with hardware.sharding=fsdp2 (or delete it to start over)")
+        sharded.load_state(state["model"], state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"]
@@ -438,13 +455,14 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     while len(order) < total_steps * tc.batch_size:
         order += torch.randperm(n, generator=g).tolist()
 
-    sharded = Sharded(model, device)
+    per_rank = tc.batch_size // max(1, world().size)
+    sharded = Sharded(model, device, lambda m: make_optimizer(m, tc.learning_rate, tc.weight_decay), engine=ctx.config.hardware.sharding,
+                      micro_batches=math.ceil(per_rank / tc.micro_batch_size), max_grad_norm=tc.max_grad_norm)
     net = sharded.module
-    opt = make_optimizer(net, tc.learning_rate, tc.weight_decay)
     warmup = int(tc.warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total_steps, warmup, tc.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(sharded.optimizer, cosine_lambda(total_steps, warmup, tc.min_lr_ratio))
     ckpt_path = ctx.work_dir / ckpt_name
-    start_step = resumed_from = load_train_state(ckpt_path, sharded, opt, sched)
+    start_step = resumed_from = load_train_state(ckpt_path, sharded, sched)
     ctx.resume_metrics(start_step)  # steps from here on are logged again: each step once in metrics.jsonl
 
     tokens = 0
@@ -456,7 +474,6 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         idx = order[step * tc.batch_size : (step + 1) * tc.batch_size]
         batch_rows = [train_rows[i] for i in idx]
         n_label = sum(sum(1 for l in r.labels[1:] if l != IGNORE) for r in batch_rows)  # over all ranks' rows
-        opt.zero_grad(set_to_none=True)
         loss_total = 0.0
         tokens += sum(r.length for r in batch_rows)
         mine = share(batch_rows, sharded.world)
@@ -464,11 +481,9 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
             batch = collate(mine[j : j + tc.micro_batch_size], device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=tc.bf16):
                 loss_sum, _ = token_loss_sum(net, batch)
-            (loss_sum / max(1, n_label) * sharded.grad_scale).backward()
+            sharded.backward(loss_sum / max(1, n_label) * sharded.grad_scale)
             loss_total += float(loss_sum.detach())
-        grad_norm = sharded.clip_grad_norm(tc.max_grad_norm)
-        opt.step()
-        sched.step()
+        grad_norm = sharded.step(sched)  # clip, optimiser and scheduler step
         last_loss = all_sum(loss_total) / max(1, n_label)
         if not math.isfinite(last_loss):
             raise StageFailed(f"{ctx.stage}: training loss became {last_loss} at step {step}")
@@ -476,11 +491,12 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / max(1e-9, time.time() - t0):.0f}")
         if (step + 1) % tc.checkpoint_every == 0 and step + 1 < total_steps:
-            save_train_state(ckpt_path, sharded, opt, sched, step + 1)
+            save_train_state(ckpt_path, sharded, sched, step + 1)
     bar.close()
     peak = peak_memory_gib(device)
     model = sharded.unshard(device)
-    del net, opt
+    world_size, sharding = sharded.world.size, sharded.engine
+    del net, sharded
     if tc.gradient_checkpointing:
         model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
     elapsed = time.time() - t0
@@ -494,6 +510,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
         "tokens_per_s": tokens / max(1e-9, elapsed),
         "train_rows": n,
         "seconds": elapsed,
-        "world_size": sharded.world.size,
+        "world_size": world_size,
+        "sharding": sharding,
         **peak,
     }

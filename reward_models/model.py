@@ -60,11 +60,15 @@ class RewardForward(torch.nn.Module):
         return inner.score(hidden[rows, ends]).squeeze(-1).float()
 
 
+def _as_forward(model):
+    """`model` as something called like RewardForward: itself when it is one (or a DeepSpeed engine around one)."""
+    return model if isinstance(getattr(model, "module", model), RewardForward) else RewardForward(model)
+
+
 def forward_rewards(model, seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> torch.Tensor:
     """(N,) scalar rewards, read at each sequence's last real token (`model`: a reward model or its RewardForward)."""
     ids, mask = pad_right(seqs, pad_id, device)
-    net = model if isinstance(model, RewardForward) else RewardForward(model)
-    return net(ids, mask)
+    return _as_forward(model)(ids, mask)
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -104,7 +108,8 @@ def pack_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int
 def packs_pairs(model) -> bool:
     """Whether `model`'s attention takes the boolean 4D mask of `pack_pairs` (sdpa does; eager adds the mask to the
     scores and flash-attention takes no mask: those score each sequence on its own row)."""
-    inner = model.model if isinstance(model, RewardForward) else model
+    inner = getattr(model, "module", model)  # a DeepSpeed engine holds the module
+    inner = inner.model if isinstance(inner, RewardForward) else inner
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return getattr(inner.config, "_attn_implementation", None) == "sdpa"
 
@@ -114,7 +119,7 @@ def forward_pair_rewards(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
     """(chosen rewards (B,), rejected rewards (B,)). With sdpa attention the pair shares one row and its prompt is
     computed once (`pack_pairs`): 1.3x the pairs/s of one row per sequence on the training benchmark (bench/
     bench_training.py, fp32 and bf16), where the prompt is 22% of the tokens; otherwise one row per sequence."""
-    net = model if isinstance(model, RewardForward) else RewardForward(model)
+    net = _as_forward(model)
     if packs_pairs(net):
         ids, mask, pos, ends = pack_pairs(pairs, pad_id, device)
         r = net(ids, mask, pos, ends)

@@ -73,7 +73,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     """A reward model of `kind` on the round's comparisons (split by prompt: the held-out prompts' comparisons
     measure it). judge=True: the held-out judge RM, trained on exactly those held-out comparisons (both domains,
     no static sets), so it has seen nothing the optimised RMs trained on; it is measured on the template pairs."""
-    from pipeline.distributed import Sharded, all_sum, check_divisible, share
+    from pipeline.distributed import Sharded, all_sum, check_divisible, share, world
     from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
     cfg = ctx.section
@@ -110,16 +110,19 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = max(cfg.min_warmup_steps if total > cfg.min_warmup_steps * 2 else 0, int(cfg.warmup_ratio * total))
-    sharded = Sharded(RewardForward(model), device)  # several processes: FSDP2-sharded while it trains
+    per_rank = cfg.batch_size // world().size
+    sharded = Sharded(RewardForward(model), device,  # several processes: sharded while it trains (FSDP2 or DeepSpeed ZeRO-3)
+                      lambda m: make_optimizer(m, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps),
+                      engine=ctx.config.hardware.sharding, micro_batches=math.ceil(per_rank / cfg.micro_batch_size),
+                      max_grad_norm=cfg.max_grad_norm)
     net = sharded.module
-    opt = make_optimizer(net, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, warmup, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(sharded.optimizer, cosine_lambda(total, warmup, cfg.min_lr_ratio))
     g = torch.Generator().manual_seed(ctx.seed)
     order: list[int] = []
     while len(order) < total * cfg.batch_size:
         order += torch.randperm(len(train), generator=g).tolist()
     ckpt = ctx.work_dir / "rm_state.pt"
-    start = resumed = load_train_state(ckpt, sharded, opt, sched)
+    start = resumed = load_train_state(ckpt, sharded, sched)
     ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
 
     t0, pairs_done = time.time(), 0
@@ -128,7 +131,6 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     for step in range(start, total):
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         mine = share(idx, sharded.world)  # this rank's pairs of the step
-        opt.zero_grad(set_to_none=True)
         loss_total, correct = 0.0, 0.0
         for j in range(0, len(mine), cfg.micro_batch_size):
             mb = mine[j : j + cfg.micro_batch_size]
@@ -137,11 +139,10 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
             loss = ranking_loss(rc, rr, margins[mb].to(device))
             if cfg.aux_safety_weight > 0:
                 loss = loss + cfg.aux_safety_weight * aux_safety_loss(rc, rr, [safe_labels[i] for i in mb])
-            (loss * len(mb) / len(idx) * sharded.grad_scale).backward()
+            sharded.backward(loss * len(mb) / len(idx) * sharded.grad_scale)
             loss_total += float(loss.detach()) * len(mb)
             correct += float((rc > rr).float().sum())
-        grad_norm = sharded.clip_grad_norm(cfg.max_grad_norm)
-        opt.step(); sched.step()
+        grad_norm = sharded.step(sched)  # clip, optimiser and scheduler step
         pairs_done += len(idx)
         step_loss = all_sum(loss_total) / len(idx)
         if not math.isfinite(step_loss):
@@ -150,16 +151,17 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            save_train_state(ckpt, sharded, opt, sched, step + 1)
+            save_train_state(ckpt, sharded, sched, step + 1)
     model = merge_lora(sharded.unshard(device).model)
-    del net, opt
+    world_size, sharding = sharded.world.size, sharded.engine
+    del net, sharded
     bar.close()
     elapsed = time.time() - t0
     model.eval()
     save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
-               "world_size": sharded.world.size,
+               "world_size": world_size, "sharding": sharding,
                "pairs_per_s": pairs_done / max(1e-9, elapsed), "train_loss": step_loss,
                "n_train_safety": sum(c.is_safety_prompt for c in train), "n_train_static": sum(id(c) in static_ids for c in train)}
     templates = template_pairs(ctx, kind)
