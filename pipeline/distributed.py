@@ -226,7 +226,8 @@ class Sharded:
     sharded copy while the stage's model waits on the meta device, holding no memory, until `unshard` loads the
     trained weights back into it on every rank. Two engines shard (`hardware.sharding`):
     * fsdp2 (default): torch's `fully_shard` on each decoder block and the root;
-    * deepspeed: DeepSpeed ZeRO stage 3 (`pip install -e '.[deepspeed]'`; on the CPU its CPU accelerator over gloo).
+    * deepspeed: DeepSpeed ZeRO stage 3 (`pip install -e '.[deepspeed]'`; on the CPU its CPU accelerator over gloo);
+    * replicated: not sharded, every rank holds the whole model, the gradients are summed over ranks (PPO with LoRA).
     The trainer's loop is the same for both: `backward(loss)` per micro-batch, `step(scheduler)` per optimiser step.
     `micro_batches`: backward calls per optimiser step on each rank (DeepSpeed counts them to know when to step)."""
 
@@ -240,7 +241,7 @@ class Sharded:
 
         # a QLoRA base (4-bit, frozen, read from its artifact) stays out of checkpoints: they hold only what trains
         self.frozen_out = is_quantized(model)
-        if not self.world.distributed:
+        if not self.world.distributed or engine == "replicated":  # replicated: every rank holds it whole (PPO's default)
             self.module = model
             self.optimizer = make_optimizer(model)
             return
@@ -264,8 +265,9 @@ class Sharded:
 
     @property
     def grad_scale(self) -> float:
-        """FSDP and DeepSpeed average gradients over ranks; a rank's loss is its share of the global sum, so scale it back."""
-        return float(self.world.size)
+        """FSDP and DeepSpeed average gradients over ranks; a rank's loss is its share of the global sum, so scale it
+        back (a replicated model's gradients are summed)."""
+        return 1.0 if self.engine == "replicated" else float(self.world.size)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate one micro-batch's gradient."""
@@ -282,9 +284,12 @@ class Sharded:
             scheduler.step()
             return float(self.module.get_global_grad_norm())
         params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.engine == "replicated":
+            all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -301,6 +306,41 @@ class Sharded:
 
         set_state_dict(self.module, self.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True, strict=not self.frozen_out))
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Inside, every rank holds the whole model (FSDP2: every unit all-gathered once and kept), so that its
+        submodules can be called directly and without collectives, as sampling does; resharded on leaving. Needs
+        the memory of the whole model on each rank, as TRL's generation under ZeRO-3 does by default."""
+        if self.engine != "fsdp2":
+            yield self.module
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2 initialises at the root's first forward; sampling calls submodules only (private API, torch 2.13)
+        self.module._get_fsdp_state()._lazy_init()
+        units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
+        self.module.set_reshard_after_forward(False)
+        for unit in units:
+            unit.unshard()
+        try:
+            yield self.module
+        finally:
+            for unit in units:
+                unit.reshard()
+            self.module.set_reshard_after_forward(True)
+            self.module.set_reshard_after_forward(False, recurse=False)  # the root's default: kept for its backward
+
+    def model_state(self) -> dict:
+        """The full model state dict (every rank; on the CPU), keyed by parameter name."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_model_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True))
 
     def save_shards(self, directory) -> None:
         """Every rank writes its own shard of the model and optimiser state under `directory`; nothing is gathered.
@@ -332,7 +372,7 @@ class Sharded:
 
     def unshard(self, device: str):
         """The stage's model with the trained weights (every rank), for saving, sampling and scoring."""
-        if not self.world.distributed:
+        if self.engine in ("single", "replicated"):
             return self.plain
         if self.engine == "deepspeed":
             import deepspeed

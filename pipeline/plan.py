@@ -255,7 +255,8 @@ def _peak(terms: dict[str, int]) -> dict[str, Any]:
 
 
 def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
-    """PPO keeps its policy, reference and reward models whole in every process (replicated data parallel): nothing is sharded."""
+    """PPO keeps its reference and reward models whole in every process; its policy (with the value head) is
+    replicated, or with `ppo.shard_policy` sharded like a training stage and gathered whole on each process to sample."""
     pc = cfg.ppo
     seq = PROMPT_TOKENS + pc.max_new_tokens
     micro = pc.micro_batch_size or pc.mini_batch_size
@@ -263,18 +264,32 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     reference = 0 if pc.lora.enabled else shape.params  # LoRA: the reference is the base with adapters off
     tokens = micro * seq
     rm_bytes = rms * setup.inference_bytes
-    t = train_step(shape.params + reference, trainable, activation_bytes(shape, tokens, pc.gradient_checkpointing),
-                   logits_bytes(shape, micro * pc.max_new_tokens))
-    t["peak"] += rm_bytes
+    sharded = pc.shard_policy and setup.world > 1
+    activations = activation_bytes(shape, tokens, pc.gradient_checkpointing)
+    logits = logits_bytes(shape, micro * pc.max_new_tokens)
+    if sharded:
+        t = _sharded_training(shape, shape.params, trainable, activations, logits, setup)
+        t["peak"] += (reference * FP32) + rm_bytes
+        policy_weights = t["weights"]  # its shard, between rollouts
+    else:
+        t = train_step(shape.params + reference, trainable, activations, logits)
+        t["peak"] += rm_bytes
+        policy_weights = shape.params * FP32
     rollout_logits = (pc.micro_batch_size or pc.batch_size) * pc.max_new_tokens * shape.vocab * FP32  # no-grad log-probs, a piece at a time
     kv = kv_cache_bytes(shape, GEN_BATCH_TOKENS)
-    weights = (shape.params + reference) * FP32 + rm_bytes
-    peak = max(t["peak"], weights + rollout_logits, weights + kv)
+    resident = policy_weights + reference * FP32 + rm_bytes
+    # sampling: the whole policy on every process (a sharded one is gathered whole for the rollouts)
+    sample = resident + (shape.params * FP32 if sharded else 0) + kv
+    peak = max(t["peak"], resident + rollout_logits + (2 * _layer_params(shape) * FP32 if sharded else 0), sample)
     terms = {**t, "reference": reference * FP32, "reward_models": rm_bytes, "rollout_logits": rollout_logits, "kv_cache": kv}
+    if sharded:
+        terms["sampling_weights"] = shape.params * FP32
     return StagePlan("ppo", peak, terms, f"micro-batch {micro} x {seq} tokens, "
                      + ("LoRA (reference = adapters off)" if pc.lora.enabled else "full fine-tuning with a frozen reference copy")
                      + (", gradient checkpointing" if pc.gradient_checkpointing else "")
-                     + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; replicated in every process (not sharded)")
+                     + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; "
+                     + (f"policy sharded over {setup.world} processes, gathered whole to sample" if sharded
+                        else "replicated in every process (not sharded)"))
 
 
 # ---------------------------------------------------------------------------------------- budget and fixes

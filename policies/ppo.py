@@ -33,7 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
-from pipeline.distributed import all_reduce_grads, all_sum, gather, share
+from pipeline.distributed import Sharded, all_sum, gather, share
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy
 
@@ -94,10 +94,34 @@ def prepare_policy(policy, lora, device: str):
     return policy
 
 
+class PolicyValue(torch.nn.Module):
+    """What PPO trains, as one module: the policy, its value head and, when configured, a separate critic trunk.
+    Its forward is `forward_policy`'s, so that sharded (FSDP2) it is the root whose forward gathers the embeddings,
+    final norm and heads; one optimiser and one state dict cover all of it."""
+
+    def __init__(self, policy, head: ValueHead, critic=None):
+        super().__init__()
+        self.policy, self.head, self.critic = policy, head, critic
+
+    def forward(self, batch: dict, with_values: bool = True, temperature: float = 1.0):
+        return _forward_policy(self.policy, self.head, self.critic, batch, with_values, temperature)
+
+    def disable_adapter(self):
+        """The reference policy pi_0 under LoRA: the same weights with the adapters off."""
+        return self.policy.disable_adapter()
+
+
 def forward_policy(model, head, critic, batch: dict, with_values: bool = True, temperature: float = 1.0):
     """Per-response-token (logprobs, entropy, values), each (B, A). Logits and values come from one
     pass through the shared trunk (or a separate critic trunk when configured). Log-probs and entropy
-    are those of softmax(logits / temperature), the distribution the rollouts were sampled from."""
+    are those of softmax(logits / temperature), the distribution the rollouts were sampled from.
+    `model` is a policy (with `head` and `critic`), or a PolicyValue holding all three (head and critic ignored)."""
+    if isinstance(model, PolicyValue):
+        return model(batch, with_values=with_values, temperature=temperature)
+    return _forward_policy(model, head, critic, batch, with_values, temperature)
+
+
+def _forward_policy(model, head, critic, batch: dict, with_values: bool, temperature: float):
     ids, attn, index, resp = batch["input_ids"], batch["attention_mask"], batch["response_index"], batch["response_ids"]
     lm = _lm(model)  # with LoRA the adapters live inside these modules, so this pass uses them
     hidden = lm.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
@@ -185,11 +209,12 @@ def advantages(policy, head, critic, ref, batch: dict, scores: torch.Tensor, bet
 
 
 def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, old_logp, old_values, adv, returns, cfg,
-                        n_tokens: torch.Tensor | None = None) -> dict:
+                        n_tokens: torch.Tensor | None = None, loss_scale: float = 1.0) -> dict:
     """Backward of one PPO mini-batch (rollouts `idx`): clipped policy loss plus `vf_coef` x value loss, accumulated
     over pieces of `cfg.micro_batch_size` rollouts. Each piece's masked means, weighted by its share of the
     mini-batch's response tokens, add up to the mini-batch's: the gradient does not depend on the piece size.
     `n_tokens`: the response tokens of the whole mini-batch when `idx` is one rank's share of it (default: idx's own).
+    `loss_scale` multiplies what is differentiated (a sharded model averages gradients over ranks: the process count).
     Returns the mini-batch's losses and statistics (floats); the caller steps the optimiser."""
     mask = batch["mask"]
     if n_tokens is None:
@@ -206,7 +231,7 @@ def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, ol
         loss = pl + cfg.vf_coef * vl
         if not torch.isfinite(loss):
             return {**stats, "loss": float(loss), "policy_loss": float(pl), "value_loss": float(vl)}
-        (loss * w).backward()
+        (loss * w * loss_scale).backward()
         for k, v in (("loss", loss), ("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
                      ("entropy", masked_mean(ent.detach(), mb["mask"]))):
             stats[k] += float(v.detach() * w)
@@ -277,10 +302,14 @@ def run(ctx: StageContext) -> dict:
     critic = None
     if not cfg.share_value_trunk:
         critic = copy.deepcopy(_lm(policy).model).train()
-    head = ValueHead(hidden).to(device)
-    params = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters()) + (list(critic.parameters()) if critic else [])
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                            weight_decay=cfg.weight_decay)
+    # several processes: the policy (with head and critic) is replicated, gradients summed over ranks, or sharded
+    # with FSDP2 (ppo.shard_policy) and gathered whole only to sample (pipeline/distributed.py `Sharded`)
+    pv = Sharded(PolicyValue(policy, ValueHead(hidden).to(device), critic), device,
+                 lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay),
+                 engine="fsdp2" if cfg.shard_policy else "replicated", max_grad_norm=cfg.max_grad_norm)
+    model = pv.module  # every forward pass goes through it
+    del policy, critic
     scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
     prompts_all, early_prompts = held_out_split(load_data(ctx, "prompts.jsonl", "prompt"), cfg.early_stop_prompts,
                                                 cfg.early_stop_patience > 0)
@@ -293,26 +322,24 @@ def run(ctx: StageContext) -> dict:
         """Mean unwhitened combined reward of greedy replies to the early-stop prompts."""
         dl = [messages_to_dicts(p.messages) for p in early_prompts]
         sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stops, seed=ctx.seed)
-        outs = [r[0] for r in generate(policy, [encode_prompt(tok, d) for d in dl], sp, n=1, pad_token_id=tok.pad_token_id)]
+        with pv.gathered() as whole:
+            outs = [r[0] for r in generate(whole.policy, [encode_prompt(tok, d) for d in dl], sp, n=1, pad_token_id=tok.pad_token_id)]
         txt = [tok.decode(r, skip_special_tokens=True).strip() for r in outs]
         s = scorer.score(dl, txt, [p.is_safety for p in early_prompts], whiten=False).combined
         return float(penalise_truncated(s, finished(outs, stops), cfg.missing_eos_penalty).mean())
 
     ckpt = ctx.work_dir / "ppo_state.pt"
     start = resumed = 0
-    required = ("policy", "head", "optimizer", "step") + (("critic",) if critic is not None else ())
-    if (state := load_on_main(ckpt, required=required)) is not None:
-        policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"]); opt.load_state_dict(state["optimizer"])
-        if critic is not None:
-            critic.load_state_dict(state["critic"])
+    if (state := load_on_main(ckpt, required=("model", "optimizer", "step"))) is not None:  # policy, head, critic by name
+        pv.load_state(state["model"], state["optimizer"])
         start = resumed = state["step"]
     del state
     ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
     good = {"step": start}
 
     def save(step: int) -> None:
-        save_on_main(ckpt, policy=policy.state_dict(), head=head.state_dict(), optimizer=opt.state_dict(), step=step,
-                        critic=critic.state_dict() if critic else None)
+        model_state, optim_state = pv.state()  # full state dicts, keyed by name (gathered from the shards)
+        save_on_main(ckpt, model=model_state, optimizer=optim_state, step=step)
         good["step"] = step
 
     # the steps done before a resume are in the (cut back) metrics history: the summary covers every step
@@ -326,7 +353,8 @@ def run(ctx: StageContext) -> dict:
         prompt_ids = [encode_prompt(tok, d) for d in dialogues]
         sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stops, seed=ctx.seed + step)
         # several processes: each samples and scores its share of the prompts; every rank then holds the whole batch
-        responses = gather([r[0] for r in generate(policy, share(prompt_ids), sp, n=1, pad_token_id=tok.pad_token_id)])
+        with pv.gathered() as whole:
+            responses = gather([r[0] for r in generate(whole.policy, share(prompt_ids), sp, n=1, pad_token_id=tok.pad_token_id)])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
         sc = score_rollouts(scorer, dialogues, texts, [p.is_safety for p in prompts])
         done = finished(responses, stops)
@@ -334,35 +362,32 @@ def run(ctx: StageContext) -> dict:
         mask = batch["mask"]
         rewards_in = penalise_truncated(sc.combined.to(device), done, cfg.missing_eos_penalty)
 
-        old_logp, old_values, kl, adv, returns = advantages(policy, head, critic, ref, batch, rewards_in, cfg.beta, cfg.gamma,
+        old_logp, old_values, kl, adv, returns = advantages(model, None, None, ref, batch, rewards_in, cfg.beta, cfg.gamma,
                                                             cfg.lam, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size)
 
         stats = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "approx_kl": 0.0}
         n_updates = 0
         g = torch.Generator().manual_seed(ctx.seed + step)
         if cfg.gradient_checkpointing:  # the updates only: rollouts sample with the KV cache
-            _lm(policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            _lm(model.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(prompts), generator=g)
             for i in range(0, len(prompts), cfg.mini_batch_size):
                 idx = perm[i : i + cfg.mini_batch_size].to(device)
-                opt.zero_grad(set_to_none=True)
                 # several processes: each takes its share of the mini-batch; the gradients are summed over ranks
                 mine = idx[share(range(len(idx)))]
-                mb_stats = minibatch_gradients(policy, head, critic, batch, mine, old_logp, old_values, adv, returns, cfg,
-                                               n_tokens=mask[idx].sum().clamp(min=1))
+                mb_stats = minibatch_gradients(model, None, None, batch, mine, old_logp, old_values, adv, returns, cfg,
+                                               n_tokens=mask[idx].sum().clamp(min=1), loss_scale=pv.grad_scale)
                 mb_stats = {k: all_sum(v) for k, v in mb_stats.items()}
-                all_reduce_grads(params)
                 if not math.isfinite(mb_stats["loss"]):  # fail the stage, not just this mini-batch loop (issue 12.7)
                     raise StageFailed(f"ppo: non-finite loss ({mb_stats['loss']}) at step {step} (policy {mb_stats['policy_loss']}, "
                                       f"value {mb_stats['value_loss']}); the last good checkpoint is step {good['step']} in {ckpt}")
                 for k in stats:
                     stats[k] += mb_stats[k]
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                pv.step(None)  # the gradients summed over ranks, clipped, one optimiser step
                 n_updates += 1
         if cfg.gradient_checkpointing:
-            _lm(policy).activation_checkpointing_disable()
+            _lm(model.policy).activation_checkpointing_disable()
         stats = {k: v / max(1, n_updates) for k, v in stats.items()}
         lengths = mask.sum(1)
         row = {
@@ -396,25 +421,31 @@ def run(ctx: StageContext) -> dict:
             improved, stop = early.update(value, step + 1)
             ctx.log({"held_out_reward": value}, step=step)
             if improved:
-                save_on_main(best_ckpt, policy=policy.state_dict(), head=head.state_dict(), step=step + 1)
+                save_on_main(best_ckpt, model=pv.model_state(), step=step + 1)
             if stop:
                 stop_reason = (f"early stop: held-out reward {value:.3f} not above the best {early.best:.3f} (step {early.best_step}) "
                                f"for {cfg.early_stop_patience} evaluations")
                 break
     bar.close()
 
-    best_state = load_on_main(best_ckpt, required=("policy", "head", "step")) if early_prompts else None
+    best_state = load_on_main(best_ckpt, required=("model", "step")) if early_prompts else None
+    start_over = False
     if best_state is not None and (stop_reason != "completed" or early.best_step != len(history)):
-        policy.load_state_dict(best_state["policy"]); head.load_state_dict(best_state["head"])  # keep the best held-out policy
+        pv.load_model_state(best_state["model"])  # keep the best held-out policy
         good["step"] = best_state["step"]
         stop_reason = stop_reason if stop_reason != "completed" else "completed (kept the best held-out step)"
     elif stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
-        state = load_on_main(ckpt, required=("policy", "head", "step"))
+        state = load_on_main(ckpt, required=("model", "step"))
         if state is not None:
-            policy.load_state_dict(state["policy"]); head.load_state_dict(state["head"])
+            pv.load_model_state(state["model"])
             good["step"] = state["step"]
         else:
-            policy, tok = load_policy(ctx.input("policy").path, device)
+            start_over = True
+    sharding = pv.engine
+    trained = pv.unshard(device)  # the plain PolicyValue with the kept weights, on every rank
+    policy, head = trained.policy, trained.head
+    if start_over:
+        policy, tok = load_policy(ctx.input("policy").path, device)
     policy = merge_lora(policy).eval()
     save_policy(policy, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
     save_value_head(head, ctx.out_dir)
@@ -431,6 +462,7 @@ def run(ctx: StageContext) -> dict:
         "kl": last.get("kl"),
         "entropy": last.get("entropy"),
         "response_length": last.get("response_length"),
+        "sharding": sharding,
     }
     if oracle is not None and history:
         summary["gold_helpfulness_first"] = first.get("gold_helpfulness")

@@ -46,6 +46,12 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _failure(p) -> str:
+    """What a failed multi-process command said: every rank's error lines (a rank's traceback can be long), then the end."""
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if "Error" in line and "File " not in line]
+    return "\n".join(errors[:40]) + "\n---\n" + p.stdout[-2000:] + p.stderr[-4000:]
+
+
 def losses(art, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in art.file("metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
@@ -146,6 +152,25 @@ def test_deepspeed_zero3_in_two_processes_equals_one(two_process_run, tmp_path):
         assert all(abs(x - y) <= 1e-3 * x for x, y in zip(ga, gb)), (stage, ga, gb)
 
 
+def test_ppo_with_its_policy_sharded_equals_replicated(two_process_run, tmp_path):
+    """ppo.shard_policy: the policy and value head sharded with FSDP2 (gathered whole only to sample) train like the
+    replicated policy of the same 2 processes: same rollouts, rewards and losses step by step."""
+    run0, _, _ = two_process_run
+    run = tmp_path / "run"
+    shutil.copytree(run0 / "artifacts", run / "artifacts", ignore=lambda d, names: [n for n in names if n in ("ppo", "ghost_attention", "evaluate")])
+    p = rlhf("stage", "ppo", "--round", "1", *_tiny(run, "ppo.shard_policy=true"), "--nproc", "2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    replicated, sharded = Registry(run0).find("ppo", 1), Registry(run).find("ppo", 1)
+    assert sharded.manifest["world_size"] == 2 and sharded.metrics["stop_reason"] == replicated.metrics["stop_reason"]
+    assert (sharded.metrics["sharding"], replicated.metrics["sharding"]) == ("fsdp2", "replicated")
+    rows = [[json.loads(line) for line in a.file("metrics.jsonl").read_text().splitlines() if "reward" in line] for a in (replicated, sharded)]
+    assert len(rows[0]) == len(rows[1]) > 1
+    for a, b in zip(*rows):
+        assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], rel=1e-5), (a, b)
+        for k in ("policy_loss", "value_loss", "kl", "approx_kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), (k, a, b)
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
 def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run, tmp_path, engine):
     run0, _, _ = two_process_run
@@ -185,7 +210,7 @@ def test_a_killed_two_process_stage_resumes_from_its_checkpoint(two_process_run,
     shutil.copytree(run, one_proc)
 
     p = rlhf("stage", "sft", *_tiny(run, *sets), "--nproc", "2")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert p.returncode == 0, _failure(p)
     art = Registry(run).find("sft", 0)
     assert art.metrics["resumed_from_step"] >= 10 and art.metrics["world_size"] == 2
     steps = [json.loads(line)["step"] for line in art.file("metrics.jsonl").read_text().splitlines() if "loss" in line]

@@ -245,4 +245,8 @@ def test_compose_and_dockerfile_refer_to_existing_files():
         for src in sources:
             assert (ROOT / src).exists(), f"Dockerfile COPY source {src} does not exist"
     assert any("pip install" in line and "torch" in line for line in lines)
-    assert "ARG EXTRAS=vllm" in lines and any('".[${EXTRAS}]"' in line for line in lines)  # the GPU image samples with vLLM
+    extras = next(line for line in lines if line.startswith("ARG EXTRAS="))
+    # the GPU image samples with vLLM and can shard with DeepSpeed; every extra it names exists in pyproject.toml
+    assert set(extras.split("=", 1)[1].split(",")) == {"vllm", "deepspeed"} and any('".[${EXTRAS}]"' in line for line in lines)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert all(f"\n{name} = [" in pyproject for name in ("vllm", "deepspeed"))
