@@ -391,7 +391,9 @@ class Sharded:
         with torch.no_grad():
             for name, buf in self.plain.named_buffers():
                 buf.copy_(self._buffers[name])
-        inner = self.plain.get_base_model() if hasattr(self.plain, "get_base_model") else self.plain
+        from .models import unwrap_peft
+
+        inner = unwrap_peft(self.plain)
         if hasattr(inner, "tie_weights"):
             inner.tie_weights()
         self.plain.train(training)

@@ -158,9 +158,14 @@ class QLoRAUnavailable(RuntimeError):
     """QLoRA asked for where it cannot run (no CUDA, several processes, no bitsandbytes)."""
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper, or the model itself. Under LoRA the adapters live inside its
+    modules, so calling it (or its submodules) uses them."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_quantized(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(inner, "is_loaded_in_4bit", False))
+    return bool(getattr(unwrap_peft(model), "is_loaded_in_4bit", False))
 
 
 def save_policy(model, tokenizer, out_dir: str | Path, dtype: str | None = None) -> None:

@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from pipeline.models import unwrap_peft
+
 
 @dataclass
 class SamplingParams:
@@ -97,7 +99,7 @@ def _batches(order: Sequence[int], lengths: Sequence[int], n: int, max_new: int,
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    base = unwrap_peft(model)
     try:
         return "logits_to_keep" in inspect.signature(base.forward).parameters
     except (TypeError, ValueError):

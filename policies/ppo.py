@@ -35,7 +35,7 @@ from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
 from pipeline.distributed import Sharded, all_sum, gather, share
 from pipeline.io import write_json
-from pipeline.models import load_policy, save_policy
+from pipeline.models import load_policy, save_policy, unwrap_peft
 
 from data_specs.schemas import messages_to_dicts
 
@@ -74,11 +74,6 @@ def load_value_head(art_dir, device: str = "cpu") -> ValueHead:
     head = ValueHead(state["v.weight"].shape[1]).to(device)
     head.load_state_dict(state)
     return head
-
-
-def _lm(model):
-    """The LlamaForCausalLM inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def prepare_policy(policy, lora, device: str):
@@ -123,7 +118,7 @@ def forward_policy(model, head, critic, batch: dict, with_values: bool = True, t
 
 def _forward_policy(model, head, critic, batch: dict, with_values: bool, temperature: float):
     ids, attn, index, resp = batch["input_ids"], batch["attention_mask"], batch["response_index"], batch["response_ids"]
-    lm = _lm(model)  # with LoRA the adapters live inside these modules, so this pass uses them
+    lm = unwrap_peft(model)  # with LoRA the adapters live inside these modules, so this pass uses them
     hidden = lm.model(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, T, H)
     gather = index.unsqueeze(-1).expand(-1, -1, hidden.size(-1))
     h = hidden.gather(1, gather)  # (B, A, H): the states that predict each response token
@@ -301,7 +296,7 @@ def run(ctx: StageContext) -> dict:
     policy = prepare_policy(policy, cfg.lora, device)
     critic = None
     if not cfg.share_value_trunk:
-        critic = copy.deepcopy(_lm(policy).model).train()
+        critic = copy.deepcopy(unwrap_peft(policy).model).train()
     # several processes: the policy (with head and critic) is replicated, gradients summed over ranks, or sharded
     # with FSDP2 (ppo.shard_policy) and gathered whole only to sample (pipeline/distributed.py `Sharded`)
     pv = Sharded(PolicyValue(policy, ValueHead(hidden).to(device), critic), device,
@@ -369,7 +364,7 @@ def run(ctx: StageContext) -> dict:
         n_updates = 0
         g = torch.Generator().manual_seed(ctx.seed + step)
         if cfg.gradient_checkpointing:  # the updates only: rollouts sample with the KV cache
-            _lm(model.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            unwrap_peft(model.policy).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(prompts), generator=g)
             for i in range(0, len(prompts), cfg.mini_batch_size):
@@ -387,7 +382,7 @@ def run(ctx: StageContext) -> dict:
                 pv.step(None)  # the gradients summed over ranks, clipped, one optimiser step
                 n_updates += 1
         if cfg.gradient_checkpointing:
-            _lm(model.policy).activation_checkpointing_disable()
+            unwrap_peft(model.policy).activation_checkpointing_disable()
         stats = {k: v / max(1, n_updates) for k, v in stats.items()}
         lengths = mask.sum(1)
         row = {

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from pipeline.chat import IGNORE, encode_dialogue
+from pipeline.models import unwrap_peft
 
 
 def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float32"):
@@ -51,7 +52,7 @@ class RewardForward(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 ends: torch.Tensor | None = None) -> torch.Tensor:
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # under LoRA: the adapted model
+        inner = unwrap_peft(self.model)  # under LoRA: the adapted model
         hidden = inner.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state  # (N, T, H)
         if ends is None:  # one sequence per row
             rows, ends = torch.arange(len(ids), device=hidden.device), mask.sum(1) - 1
@@ -110,7 +111,7 @@ def packs_pairs(model) -> bool:
     scores and flash-attention takes no mask: those score each sequence on its own row)."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine holds the module
     inner = inner.model if isinstance(inner, RewardForward) else inner
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = unwrap_peft(inner)
     return getattr(inner.config, "_attn_implementation", None) == "sdpa"
 
 
