@@ -19,7 +19,7 @@ from pipeline.config import load_config, round_stages
 from pipeline.registry import Registry
 from pipeline.stages import STAGES
 from tests.test_distributed import descendants
-from tests.test_flows import BIN, ROOT, _api, _free_port, _stop, _wait_healthy
+from tests.test_flows import BIN, ROOT, _api, _stop, start_prefect_server
 
 ROUND_STAGES = round_stages(load_config("tiny"), 1)
 KILLED = "rejection_sampling"  # the stage whose worker is killed mid-build
@@ -83,21 +83,11 @@ def _flow_runs(url: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cluster")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    home = tmp / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(tmp / "client"), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
-           "RLHF_PROGRESS": "lines", "OMP_NUM_THREADS": "1"}
     run_dir = tmp / "run"
     procs: dict[str, subprocess.Popen] = {}
-    server_log = tmp / "server.log"
     try:
-        procs["server"] = subprocess.Popen([str(BIN / "rlhf"), "server", "--port", str(port), "--home", str(tmp / "server"), "--no-ui"],
-                                           env=env, cwd=ROOT, stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_healthy(url, procs["server"], server_log)
+        procs["server"], env, url, _ = start_prefect_server(tmp, PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="1",
+                                                            RLHF_PROGRESS="lines", OMP_NUM_THREADS="1")
         setup = subprocess.run([str(BIN / "rlhf"), "cluster", "setup", "--gpu-slots", "2", "--config", "tiny"], env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
         assert setup.returncode == 0, setup.stdout + setup.stderr

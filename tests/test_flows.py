@@ -103,24 +103,37 @@ def _stop(proc: subprocess.Popen | None, grace: float = 5) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def prefect_stack(tmp_path_factory):
-    """A real Prefect server plus `rlhf serve` of the tiny config (real stages)."""
-    tmp = tmp_path_factory.mktemp("prefect")
+def start_prefect_server(tmp: Path, **extra_env: str) -> tuple[subprocess.Popen, dict, str, Path]:
+    """A real Prefect server on 127.0.0.1 (`rlhf server`, its own home under `tmp`), waited on until healthy.
+    Returns (process, the environment that talks to it, its API URL, its log). Stop it with `_stop`."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     home = tmp / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "PREFECT_HOME": str(tmp / "client"), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-           "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+           **extra_env}
+    log = tmp / "server.log"
+    server = subprocess.Popen([str(BIN / "rlhf"), "server", "--port", str(port), "--home", str(tmp / "server"), "--no-ui"],
+                              env=env, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(url, server, log)
+    except BaseException:
+        _stop(server)
+        raise
+    return server, env, url, log
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory):
+    """A real Prefect server plus `rlhf serve` of the tiny config (real stages)."""
+    tmp = tmp_path_factory.mktemp("prefect")
     run_dir = tmp / "run"
     server = serve = None
-    server_log, serve_log = tmp / "server.log", tmp / "serve.log"
+    serve_log = tmp / "serve.log"
     try:
-        server = subprocess.Popen([str(BIN / "rlhf"), "server", "--port", str(port), "--home", str(tmp / "server"), "--no-ui"],
-                                  env=env, cwd=ROOT, stdout=server_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_healthy(url, server, server_log)
+        server, env, url, server_log = start_prefect_server(tmp, PREFECT_RUNNER_POLL_FREQUENCY="1")
+        home = Path(env["HOME"])
         serve = subprocess.Popen([str(BIN / "rlhf"), "serve", "--config", "tiny", "--run-dir", str(run_dir)],
                                  env=env, cwd=ROOT, stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         t0 = time.time()
