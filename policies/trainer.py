@@ -196,7 +196,7 @@ def _tmp_files(path: Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
     legacy = path.with_suffix(".tmp")
-    return sorted(path.parent.glob(f".{path.name}.*.tmp")) + ([legacy] if legacy.is_file() else [])
+    return sorted(p for p in path.parent.glob(f".{path.name}.*.tmp") if p.is_file()) + ([legacy] if legacy.is_file() else [])
 
 
 def _remove_stale_tmp(path: Path) -> None:
@@ -359,7 +359,7 @@ def _prune_shards(path: Path) -> None:
             state = torch.load(cand, map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("shards"), str):
                 keep.add(state["shards"])
-    for d in [*path.parent.glob(f"{path.name}.step*.shards"), *path.parent.glob(f".{path.name}.step*.shards.tmp")]:
+    for d in [*path.parent.glob(f"{path.name}.step*.shards"), *path.parent.glob(f".{path.name}.step*.shards.partial")]:
         if d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -374,7 +374,7 @@ def save_train_state(path: Path, sharded, sched, step: int) -> None:
         save_on_main(path, model=model_state, optimizer=optim_state, **extras)
         return
     final = _shards_dir(path, step)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = final.with_name(f".{final.name}.partial")  # not `.tmp`: those are the files of an interrupted `save_checkpoint`
     if sharded.world.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed mid-write

@@ -150,12 +150,16 @@ def test_checkpoint_pointing_to_missing_shards_falls_back_to_the_previous_one(to
     pointer = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     torch.save({**pointer, "shards": "train_state.pt.step6.shards", "world_size": 2}, ckpt)
     (ctx.work_dir / "train_state.pt.step1.shards").mkdir()  # a folder nothing points to: removed on load
+    (ctx.work_dir / ".train_state.pt.step9.shards.partial").mkdir()  # a shard save killed mid-write: removed on load
+    (ctx.work_dir / ".train_state.pt.x.tmp").mkdir()  # a folder named like a save's temporary file is not one: left alone
     with caplog.at_level(logging.WARNING):
         _, metrics = train(tok, rows, ctx)
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "train_state.pt.step6.shards" in warning and "missing" in warning
     assert metrics["resumed_from_step"] == 3  # from train_state.pt.prev
     assert not (ctx.work_dir / "train_state.pt.step1.shards").exists()
+    assert not (ctx.work_dir / ".train_state.pt.step9.shards.partial").exists()
+    assert (ctx.work_dir / ".train_state.pt.x.tmp").is_dir()
 
 
 def test_checkpoint_missing_state_is_set_aside(tmp_path, caplog):
