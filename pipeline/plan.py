@@ -330,6 +330,8 @@ def fix_for(plan: StagePlan, cfg: RunConfig, budget: float) -> str:
             hints.append("use GPUs with more memory or a smaller model: the float32 weights and resident models alone exceed one device")
         from .stages import STAGES
 
+        if plan.stage == "ppo" and not sec.shard_policy:
+            hints.append("shard PPO's policy over the GPUs (--set ppo.shard_policy=true, with hardware.gpus > 1)")
         if plan.stage in STAGES and STAGES[plan.stage].distributed:
             hints.append("shard over more GPUs (--gpus N / hardware.gpus, --nodes M / hardware.nodes: weights, gradients and Adam "
                          "moments are split N x M ways)")

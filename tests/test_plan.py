@@ -157,6 +157,22 @@ def test_7b_preset_fits_one_node_of_8_gpus_and_sharding_divides_the_training_sta
     assert eight["evaluate"].terms["reward_models"] == 2 * shape.reward_model_params * 2
 
 
+def test_sharding_ppo_policy_divides_its_training_state_and_adds_the_gather_to_sample():
+    """ppo.shard_policy: full-parameter PPO at 7B on 8 GPUs. Replicated it is refused and the fix names the key;
+    sharded, weights, gradients and AdamW moments are an eighth, and sampling holds the whole policy gathered."""
+    cfg = load_config("llama2-7b", ["ppo.lora.enabled=false"], check_device=False)
+    shape = model_shape(cfg)
+    replicated = next(p for p in make_plan(cfg, shape, 80, gpus=8)[0] if p.stage == "ppo")
+    assert not replicated.fits and "ppo.shard_policy=true" in replicated.fix
+    cfg = load_config("llama2-7b", ["ppo.lora.enabled=false", "ppo.shard_policy=true"], check_device=False)
+    sharded = next(p for p in make_plan(cfg, shape, 80, gpus=8)[0] if p.stage == "ppo")
+    for term in ("gradients", "optimizer"):
+        assert sharded.terms[term] == pytest.approx(replicated.terms[term] / 8, rel=1e-6), term
+    assert sharded.terms["weights"] == pytest.approx(shape.params * 4 / 8, rel=1e-6)  # the reference is its own term
+    assert sharded.terms["sampling_weights"] == shape.params * 4 and sharded.terms["reference"] == shape.params * 4
+    assert sharded.peak_bytes < replicated.peak_bytes - 50 * GiB
+
+
 def test_70b_preset_is_refused_naming_the_unsharded_sampling():
     out = CliRunner().invoke(app, ["plan", "--config", "llama2-70b"])
     assert out.exit_code == 1
