@@ -282,7 +282,7 @@ class PPOConfig(_Cfg):
     shard_policy: bool = Field(False, description="Several processes: shard the policy, value head and critic with FSDP2 "
                                "(weights, gradients and AdamW moments split over the ranks; gathered whole on each rank only "
                                "to sample rollouts) instead of replicating them. For full-parameter PPO at 7B; with LoRA the "
-                               "replicated policy is cheaper (no gathers). The frozen reference copy of full fine-tuning stays replicated.")
+                               "replicated policy is cheaper (no gathers). The frozen reference copy of full fine-tuning is sharded too.")
     checkpoint_every: int = Field(10, ge=1, description="Resumable checkpoint every N iterations.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA: the reference policy is the base with adapters disabled. PPO turns every dropout off, lora.dropout included (the first update's ratio pi/pi_old must be exactly 1).")
     generation: EngineConfig = Field(default_factory=EngineConfig, description="Sampling engine (backend hf | vllm) and its knobs.")

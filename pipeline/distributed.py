@@ -401,6 +401,20 @@ class Sharded:
         return self.plain
 
 
+def shard_frozen(module, device: str):
+    """`module` (a model that only runs forward, as PPO's frozen reference) sharded with FSDP2 over the ranks: each
+    decoder block and the root, gathered a block at a time in its forward; unchanged in one process. Call the root."""
+    if not world().distributed:
+        return module
+    from torch.distributed.fsdp import fully_shard
+
+    module.to(device)
+    for layer in _layers(module):
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
 def _deepspeed_engine(module, optimizer, device: str, micro_batches: int, max_grad_norm: float, w: World):
     """`module` partitioned by DeepSpeed ZeRO-3 with `optimizer`, stepping every `micro_batches` backward calls.
     Written for DeepSpeed 0.19; the training precision stays ours (float32 master weights, the stage's bf16 autocast)."""

@@ -267,7 +267,8 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     sharded = pc.shard_policy and setup.world > 1
     activations = activation_bytes(shape, tokens, pc.gradient_checkpointing)
     logits = logits_bytes(shape, micro * pc.max_new_tokens)
-    if sharded:
+    if sharded:  # the frozen reference is sharded too
+        reference //= setup.world
         t = _sharded_training(shape, shape.params, trainable, activations, logits, setup)
         t["peak"] += (reference * FP32) + rm_bytes
         policy_weights = t["weights"]  # its shard, between rollouts

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
-from pipeline.distributed import Sharded, all_sum, gather, share
+from pipeline.distributed import Sharded, all_sum, gather, shard_frozen, share
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy, unwrap_peft
 
@@ -94,7 +94,7 @@ class PolicyValue(torch.nn.Module):
     Its forward is `forward_policy`'s, so that sharded (FSDP2) it is the root whose forward gathers the embeddings,
     final norm and heads; one optimiser and one state dict cover all of it."""
 
-    def __init__(self, policy, head: ValueHead, critic=None):
+    def __init__(self, policy, head: ValueHead | None, critic=None):
         super().__init__()
         self.policy, self.head, self.critic = policy, head, critic
 
@@ -293,6 +293,8 @@ def run(ctx: StageContext) -> dict:
     ref = None
     if not cfg.lora.enabled:  # pi_0 as a frozen copy; with LoRA it is the same weights with adapters off
         ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        if cfg.shard_policy:  # sharded like the policy: its forward passes go through one root
+            ref = shard_frozen(PolicyValue(ref, None), device)
     policy = prepare_policy(policy, cfg.lora, device)
     critic = None
     if not cfg.share_value_trunk:

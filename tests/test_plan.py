@@ -169,7 +169,7 @@ def test_sharding_ppo_policy_divides_its_training_state_and_adds_the_gather_to_s
     for term in ("gradients", "optimizer"):
         assert sharded.terms[term] == pytest.approx(replicated.terms[term] / 8, rel=1e-6), term
     assert sharded.terms["weights"] == pytest.approx(shape.params * 4 / 8, rel=1e-6)  # the reference is its own term
-    assert sharded.terms["sampling_weights"] == shape.params * 4 and sharded.terms["reference"] == shape.params * 4
+    assert sharded.terms["sampling_weights"] == shape.params * 4 and sharded.terms["reference"] == shape.params // 8 * 4
     assert sharded.peak_bytes < replicated.peak_bytes - 50 * GiB
 
 
