@@ -11,9 +11,10 @@ Who does what:
   share of every step's rows (`share`), save resume checkpoints (`save_train_state`/`load_train_state`: with
   several processes each rank writes and reads its own shard, `Sharded.save_shards`), and hand the stage back a
   plain, unsharded model with the trained weights on every rank (`Sharded.unshard`);
-* PPO (`policies/ppo.py`) keeps its policy replicated (LoRA makes the trainable part small): each rank samples and
-  scores its share of the rollout prompts, `gather` puts the batch together on every rank, each rank takes its
-  share of every mini-batch, and `all_reduce_grads` sums the gradients before the identical optimiser steps;
+* PPO (`policies/ppo.py`) trains one `Sharded` module (policy, value head, critic): replicated by default (LoRA makes
+  the trainable part small; `step` sums the gradients over ranks), or FSDP2-sharded with `ppo.shard_policy` and
+  gathered whole only to sample (`Sharded.gathered`). Each rank samples and scores its share of the rollout prompts,
+  `gather` puts the batch together on every rank, and each rank takes its share of every mini-batch;
 * nothing else in a stage knows how many processes there are.
 
 Why torch's `fully_shard` and not accelerate's FSDP plugin: accelerate 1.15 turns FSDP on only for GPU-family
