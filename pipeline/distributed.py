@@ -380,12 +380,15 @@ class Sharded:
 
             inner = self.module.module
             with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=None):  # whole on every rank
-                full = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+                full = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
             self.module.destroy()
         else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-            full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))  # all-gathered on every rank
+            # gathered a tensor at a time into host memory, on every rank (in the same order: each gather is a collective),
+            # so that the device holds one whole copy (`plain`), not two. (cpu_offload=True would leave ranks > 0 empty.)
+            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
+                    for k, v in get_model_state_dict(self.module).items()}
         training = self.module.training
         self.plain.to_empty(device=device)
         self.plain.load_state_dict(full, strict=True)
@@ -413,6 +416,9 @@ def shard_frozen(module, device: str):
     for layer in _layers(module):
         fully_shard(layer)
     fully_shard(module)
+    # FSDP2 keeps a root's weights gathered after its forward, for the backward that follows; this one has none
+    module._get_fsdp_state()._lazy_init()  # (private API, torch 2.13: the root is special-cased at initialisation)
+    module.set_reshard_after_forward(True, recurse=False)
     return module
 
 

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
-from pipeline.distributed import Sharded, all_sum, gather, shard_frozen, share
+from pipeline.distributed import Sharded, all_sum, check_divisible, gather, shard_frozen, share
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy, unwrap_peft
 
@@ -42,7 +42,7 @@ from data_specs.schemas import messages_to_dicts
 from .common import demo_oracle, load_data, subsample
 from .generation import SamplingParams, generate
 from .ppo_math import entropy_from_logits, gae, kl_penalty, logprobs_from_logits, masked_mean, masked_whiten, per_token_rewards, ppo_clip_loss, value_loss
-from .trainer import apply_lora, load_on_main, merge_lora, save_on_main
+from .trainer import apply_lora, load_on_main, load_train_state, merge_lora, save_on_main, save_train_state
 
 
 class ValueHead(torch.nn.Module):
@@ -104,6 +104,12 @@ class PolicyValue(torch.nn.Module):
     def disable_adapter(self):
         """The reference policy pi_0 under LoRA: the same weights with the adapters off."""
         return self.policy.disable_adapter()
+
+    def tie_weights(self):
+        """Tie the policy's embeddings and LM head again (after its weights were loaded into fresh storage)."""
+        inner = unwrap_peft(self.policy)
+        if hasattr(inner, "tie_weights"):
+            inner.tie_weights()
 
 
 def forward_policy(model, head, critic, batch: dict, with_values: bool = True, temperature: float = 1.0):
@@ -224,8 +230,8 @@ def minibatch_gradients(policy, head, critic, batch: dict, idx: torch.Tensor, ol
         pl, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[sub], adv[sub], mb["mask"], cfg.clip)
         vl, _ = value_loss(values, old_values[sub], returns[sub], mb["mask"], cfg.value_clip)
         loss = pl + cfg.vf_coef * vl
-        if not torch.isfinite(loss):
-            return {**stats, "loss": float(loss), "policy_loss": float(pl), "value_loss": float(vl)}
+        # a non-finite loss is not cut short here: with a sharded policy every rank must run the same passes. It
+        # reaches the statistics, and the caller fails the stage on every rank before any optimiser step.
         (loss * w * loss_scale).backward()
         for k, v in (("loss", loss), ("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
                      ("entropy", masked_mean(ent.detach(), mb["mask"]))):
@@ -307,6 +313,11 @@ def run(ctx: StageContext) -> dict:
                  engine="fsdp2" if cfg.shard_policy else "replicated", max_grad_norm=cfg.max_grad_norm)
     model = pv.module  # every forward pass goes through it
     del policy, critic
+    if pv.engine == "fsdp2":  # every forward and backward is a collective: every rank must take as many pieces
+        check_divisible(cfg.mini_batch_size, "ppo.mini_batch_size")
+        if cfg.batch_size % cfg.mini_batch_size:
+            raise StageFailed(f"ppo.batch_size={cfg.batch_size} is not a multiple of ppo.mini_batch_size={cfg.mini_batch_size}: "
+                              "with ppo.shard_policy every mini-batch must split evenly over the processes")
     scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
     prompts_all, early_prompts = held_out_split(load_data(ctx, "prompts.jsonl", "prompt"), cfg.early_stop_prompts,
                                                 cfg.early_stop_patience > 0)
@@ -327,16 +338,12 @@ def run(ctx: StageContext) -> dict:
 
     ckpt = ctx.work_dir / "ppo_state.pt"
     start = resumed = 0
-    if (state := load_on_main(ckpt, required=("model", "optimizer", "step"))) is not None:  # policy, head, critic by name
-        pv.load_state(state["model"], state["optimizer"])
-        start = resumed = state["step"]
-    del state
+    start = resumed = load_train_state(ckpt, pv, None)  # several processes: each rank reads its own shard
     ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
     good = {"step": start}
 
     def save(step: int) -> None:
-        model_state, optim_state = pv.state()  # full state dicts, keyed by name (gathered from the shards)
-        save_on_main(ckpt, model=model_state, optimizer=optim_state, step=step)
+        save_train_state(ckpt, pv, None, step)  # several processes: each rank writes its own shard
         good["step"] = step
 
     # the steps done before a resume are in the (cut back) metrics history: the summary covers every step
@@ -432,13 +439,13 @@ def run(ctx: StageContext) -> dict:
         good["step"] = best_state["step"]
         stop_reason = stop_reason if stop_reason != "completed" else "completed (kept the best held-out step)"
     elif stop_reason != "completed":  # roll back to the last good checkpoint (or the starting policy)
-        state = load_on_main(ckpt, required=("model", "step"))
-        if state is not None:
-            pv.load_model_state(state["model"])
-            good["step"] = state["step"]
+        kept = load_train_state(ckpt, pv, None)  # its weights (and optimiser state, unused from here), every rank
+        if kept:
+            good["step"] = kept
         else:
             start_over = True
     sharding = pv.engine
+    del scorer  # the reward models are done: their memory is free for the gathered policy
     trained = pv.unshard(device)  # the plain PolicyValue with the kept weights, on every rank
     policy, head = trained.policy, trained.head
     if start_over:

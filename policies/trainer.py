@@ -353,13 +353,16 @@ def _shards_dir(path: Path, step: int) -> Path:
 def _prune_shards(path: Path) -> None:
     """Remove the shard folders of `path` that neither it nor its `.prev` points to (older ones, and the
     temporary folders of saves that were killed)."""
+    folders = [*path.parent.glob(f"{path.name}.step*.shards"), *path.parent.glob(f".{path.name}.step*.shards.partial")]
+    if not folders:
+        return
     keep = set()
     for cand in (path, _prev(path)):
-        with contextlib.suppress(Exception):
-            state = torch.load(cand, map_location="cpu", weights_only=True)
+        with contextlib.suppress(Exception):  # mmap: a full checkpoint's tensors are not read to learn its `shards`
+            state = torch.load(cand, map_location="cpu", weights_only=True, mmap=True)
             if isinstance(state, dict) and isinstance(state.get("shards"), str):
                 keep.add(state["shards"])
-    for d in [*path.parent.glob(f"{path.name}.step*.shards"), *path.parent.glob(f".{path.name}.step*.shards.partial")]:
+    for d in folders:
         if d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -368,7 +371,8 @@ def save_train_state(path: Path, sharded, sched, step: int) -> None:
     """A resume checkpoint. One process: full state dicts keyed by parameter name in `path`, which any number of
     processes resumes from. Several: each rank writes its own shard into a folder beside `path` (nothing is
     gathered: at 70B the full state would not fit one host), then rank 0 writes `path` pointing to it."""
-    extras = dict(scheduler=sched.state_dict(), step=step, rng=torch.get_rng_state(), format=CHECKPOINT_FORMAT)
+    extras = dict(scheduler=sched.state_dict() if sched is not None else None, step=step, rng=torch.get_rng_state(),
+                  format=CHECKPOINT_FORMAT)
     if not sharded.world.distributed:
         model_state, optim_state = sharded.state()
         save_on_main(path, model=model_state, optimizer=optim_state, **extras)
@@ -427,7 +431,8 @@ def load_train_state(path: Path, sharded, sched) -> int:
             raise StageFailed(f"cannot resume from {path}: it holds full state dicts (one process wrote it), which "
                               "DeepSpeed cannot read: resume with hardware.sharding=fsdp2 (or delete it to start over)")
         sharded.load_state(state["model"], state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    if sched is not None:
+        sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return state["step"]
 

@@ -158,8 +158,11 @@ def test_ppo_with_its_policy_sharded_equals_replicated(two_process_run, tmp_path
     run0, _, _ = two_process_run
     run = tmp_path / "run"
     shutil.copytree(run0 / "artifacts", run / "artifacts", ignore=lambda d, names: [n for n in names if n in ("ppo", "ghost_attention", "evaluate")])
+    # sharded, every forward is a collective: a mini-batch that does not split evenly is refused before any work
+    p = rlhf("stage", "ppo", "--round", "1", *_tiny(run, "ppo.shard_policy=true", "ppo.mini_batch_size=3"), "--nproc", "2")
+    assert p.returncode != 0 and "ppo.mini_batch_size=3 does not split over 2 processes" in p.stdout + p.stderr
     p = rlhf("stage", "ppo", "--round", "1", *_tiny(run, "ppo.shard_policy=true"), "--nproc", "2")
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    assert p.returncode == 0, _failure(p)
     replicated, sharded = Registry(run0).find("ppo", 1), Registry(run).find("ppo", 1)
     assert sharded.manifest["world_size"] == 2 and sharded.metrics["stop_reason"] == replicated.metrics["stop_reason"]
     assert (sharded.metrics["sharding"], replicated.metrics["sharding"]) == ("fsdp2", "replicated")

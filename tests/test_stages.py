@@ -227,6 +227,31 @@ def test_ppo_non_finite_loss_fails_the_stage(run, tmp_path, monkeypatch):
         Runner(tiny(run_dir), echo=None, show_progress=False).run_stage("ppo", 1, force=True)
 
 
+def test_ppo_guard_rolls_back_to_the_last_checkpoint(run, tmp_path, monkeypatch):
+    """A guard that fires (here: KL above a tiny kl_bound at the second step) stops PPO and keeps the last good
+    checkpoint: the artifact holds the checkpoint's weights, not the rejected update's."""
+    import policies.ppo as ppo
+    from safetensors.torch import load_file
+
+    seen: dict[int, dict] = {}
+    real = ppo.load_train_state
+
+    def spy(path, sharded, sched):
+        step = real(path, sharded, sched)
+        seen[step] = {k: v.detach().clone() for k, v in sharded.module.policy.state_dict().items()}
+        return step
+
+    monkeypatch.setattr(ppo, "load_train_state", spy)
+    run_dir = _copy_artifacts(run, tmp_path / "run")
+    a = Runner(tiny(run_dir, "ppo.steps=4", "ppo.checkpoint_every=1", "ppo.kl_bound=1e-9"), echo=None,
+               show_progress=False).run_stage("ppo", 1).artifact
+    m = a.metrics
+    assert m["stop_reason"].startswith("KL to pi_0") and m["kept_step"] == max(seen) == 1 and m["steps_done"] == 2
+    saved, kept = load_file(str(a.path / "model.safetensors")), seen[1]
+    assert set(saved) & set(kept) and all(torch.equal(saved[k], kept[k]) for k in set(saved) & set(kept))
+    assert not all(torch.equal(seen[0][k], kept[k]) for k in kept)  # the kept step did move the policy
+
+
 def test_ppo_early_stop_on_held_out_reward(run, tmp_path):
     """Issue 12.7 (sec. 3.2.3): the held-out reward is measured every N iterations on prompts held out of
     PPO training; the stage keeps the best and says why it stopped."""

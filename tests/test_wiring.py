@@ -631,10 +631,11 @@ def test_a_pair_sharing_one_row_scores_as_each_sequence_alone(tok, two_rms):
     and each gradient, must equal the one of its sequence scored alone: a rejected token that saw the chosen
     response, a wrong position or a reward read at the wrong token would break it."""
     from reward_models.model import (encode_pair, forward_pair_rewards, forward_rewards, load_reward_model, pack_pairs,
-                                     shared_prefix)
+                                     packs_pairs, shared_prefix)
 
     rm, t = load_reward_model(two_rms[0])
     rm.eval()
+    assert packs_pairs(rm)  # sdpa: the shared row is what is tested below, not the fallback
     pairs = [(encode_pair(t, d, a, 64), encode_pair(t, d, b, 64))
              for d, a, b in zip(DIALOGUES, ["Velmor.", "It is Velmor, a city by the sea.", "No."], ["Paris, I think.", "No.", "No idea at all."])]
     pairs.append((pairs[0][0], pairs[0][0] + [5, 6]))  # a chosen sequence that is a prefix of the rejected one
