@@ -229,7 +229,7 @@ class Sharded:
     * fsdp2 (default): torch's `fully_shard` on each decoder block and the root;
     * deepspeed: DeepSpeed ZeRO stage 3 (`pip install -e '.[deepspeed]'`; on the CPU its CPU accelerator over gloo);
     * replicated: not sharded, every rank holds the whole model, the gradients are summed over ranks (PPO with LoRA).
-    The trainer's loop is the same for both: `backward(loss)` per micro-batch, `step(scheduler)` per optimiser step.
+    The trainer's loop is the same for every engine: `backward(loss)` per micro-batch, `step(scheduler)` per optimiser step.
     `micro_batches`: backward calls per optimiser step on each rank (DeepSpeed counts them to know when to step)."""
 
     def __init__(self, model, device: str, make_optimizer, engine: str = "fsdp2", micro_batches: int = 1,
@@ -253,12 +253,7 @@ class Sharded:
         self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         model.to("meta")  # the shell: same modules and names, no storage
         if engine == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in _layers(shard):
-                fully_shard(layer)
-            fully_shard(shard)
-            self.module = shard
+            self.module = _fully_shard(shard)
             self.optimizer = make_optimizer(shard)
             return
         self.optimizer = make_optimizer(shard)  # the torch optimiser DeepSpeed wraps: the scheduler sets its lr
@@ -333,7 +328,8 @@ class Sharded:
             self.module.set_reshard_after_forward(False, recurse=False)  # the root's default: kept for its backward
 
     def model_state(self) -> dict:
-        """The full model state dict (every rank; on the CPU), keyed by parameter name."""
+        """The full model state dict on the CPU, keyed by parameter name, on rank 0 (the other ranks get an empty
+        dict: it is for rank 0 to save). Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -405,17 +401,22 @@ class Sharded:
         return self.plain
 
 
+def _fully_shard(module):
+    """`module` sharded in place with FSDP2: each decoder block a unit, the rest in the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _layers(module):
+        fully_shard(layer)
+    fully_shard(module)
+    return module
+
+
 def shard_frozen(module, device: str):
     """`module` (a model that only runs forward, as PPO's frozen reference) sharded with FSDP2 over the ranks: each
     decoder block and the root, gathered a block at a time in its forward; unchanged in one process. Call the root."""
     if not world().distributed:
         return module
-    from torch.distributed.fsdp import fully_shard
-
-    module.to(device)
-    for layer in _layers(module):
-        fully_shard(layer)
-    fully_shard(module)
+    _fully_shard(module.to(device))
     # FSDP2 keeps a root's weights gathered after its forward, for the backward that follows; this one has none
     module._get_fsdp_state()._lazy_init()  # (private API, torch 2.13: the root is special-cased at initialisation)
     module.set_reshard_after_forward(True, recurse=False)

@@ -337,7 +337,6 @@ def run(ctx: StageContext) -> dict:
         return float(penalise_truncated(s, finished(outs, stops), cfg.missing_eos_penalty).mean())
 
     ckpt = ctx.work_dir / "ppo_state.pt"
-    start = resumed = 0
     start = resumed = load_train_state(ckpt, pv, None)  # several processes: each rank reads its own shard
     ctx.resume_metrics(start)  # steps from here on are logged again: each step once in metrics.jsonl
     good = {"step": start}
