@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--n-sft", type=int, default=6000, help="demo SFT pairs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides (e.g. sft.compile=true)")
     ap.add_argument("--work", default="/tmp/gpu_smoke")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="where gpu_smoke.jsonl is written")
     args = ap.parse_args()
@@ -102,7 +103,7 @@ def main() -> None:
         sets = [f"run_dir={work / 'run'}", f"device={args.device}", f"pretrained.model={ckpt}", "tracking.mode=disabled",
                 f"data.demo_n_sft={args.n_sft}", "sft.bf16=true", f"sft.seq_len={args.seq_len}", f"sft.batch_size={args.batch_size}",
                 f"sft.micro_batch_size={args.micro_batch_size}", f"sft.max_steps={args.steps}", "sft.learning_rate=1e-5",
-                f"sft.checkpoint_every={args.steps + 1}", "evaluate.n_prompts=8", "hardware.check_plan=false"]
+                f"sft.checkpoint_every={args.steps + 1}", "evaluate.n_prompts=8", "hardware.check_plan=false", *args.set]
         flags = [x for s in sets for x in ("--set", s)]
         for stage in ("data", "pretrained", "sft"):
             rlhf("stage", stage, "--config", "tiny", *flags, env=env)
@@ -120,7 +121,7 @@ def main() -> None:
                "peak_memory_gib": round(m.get("peak_memory_gib", float("nan")), 3), "peak_memory_source": m.get("peak_memory_source"),
                "plan_train_peak_gib": train_est, "plan_error": round(train_est / m["peak_memory_gib"] - 1, 3) if m.get("peak_memory_gib") else None,
                "plan_terms_gib": est["terms_gib"], "seq_len": args.seq_len, "batch_size": args.batch_size,
-               "micro_batch_size": args.micro_batch_size, "wall_s": round(time.time() - t0, 1)}
+               "micro_batch_size": args.micro_batch_size, "overrides": args.set, "wall_s": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
         results.append(row)
     Path(args.out).mkdir(parents=True, exist_ok=True)

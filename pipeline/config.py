@@ -62,6 +62,8 @@ class TrainConfig(_Cfg):
     bf16: bool = Field(False, description="Use bfloat16 autocast (faster on recent CPUs and GPUs).")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass: keeps only "
                                          "each layer's input (see `rlhf plan`), at about a third more compute. Same results.")
+    compile: bool = Field(False, description="torch.compile each decoder block while training (GPU: fuses the element-wise "
+                          "work; the first steps compile). The same losses within float rounding.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA / QLoRA settings.")
 
 
@@ -210,6 +212,7 @@ class RewardModelConfig(_Cfg):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass (same results, "
                                          "less memory; see `rlhf plan`).")
+    compile: bool = Field(False, description="torch.compile each decoder block while training (see sft.compile).")
     template_pairs: int | None = Field(None, ge=1, description="Off-policy template pairs (eval_comparisons.jsonl) scored for "
                                        "template_accuracy: a seeded subset of this many (None: all of them).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA on the reward model's transformer (the scalar head "

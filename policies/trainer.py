@@ -462,7 +462,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
 
     per_rank = tc.batch_size // max(1, world().size)
     sharded = Sharded(model, device, lambda m: make_optimizer(m, tc.learning_rate, tc.weight_decay), engine=ctx.config.hardware.sharding,
-                      micro_batches=math.ceil(per_rank / tc.micro_batch_size), max_grad_norm=tc.max_grad_norm)
+                      micro_batches=math.ceil(per_rank / tc.micro_batch_size), max_grad_norm=tc.max_grad_norm, compile=tc.compile)
     net = sharded.module
     warmup = int(tc.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(sharded.optimizer, cosine_lambda(total_steps, warmup, tc.min_lr_ratio))

@@ -114,7 +114,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     sharded = Sharded(RewardForward(model), device,  # several processes: sharded while it trains (FSDP2 or DeepSpeed ZeRO-3)
                       lambda m: make_optimizer(m, cfg.learning_rate, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps),
                       engine=ctx.config.hardware.sharding, micro_batches=math.ceil(per_rank / cfg.micro_batch_size),
-                      max_grad_norm=cfg.max_grad_norm)
+                      max_grad_norm=cfg.max_grad_norm, compile=cfg.compile)
     net = sharded.module
     sched = torch.optim.lr_scheduler.LambdaLR(sharded.optimizer, cosine_lambda(total, warmup, cfg.min_lr_ratio))
     g = torch.Generator().manual_seed(ctx.seed)

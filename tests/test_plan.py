@@ -137,6 +137,37 @@ def test_gradient_checkpointing_gives_the_same_training_and_a_smaller_plan(tmp_p
     assert ckpt.terms["activations"] < plain.terms["activations"] and "gradient checkpointing" in ckpt.note
 
 
+def test_compile_trains_compiled_blocks_to_the_same_losses_and_hands_back_an_eager_model(tmp_path):
+    """`sft.compile` compiles each decoder block while it trains (Dynamo captures graphs), reaches the eager
+    losses within float rounding, and the stage gets its model back eager (it samples with it next)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pipeline.context import StageContext
+    from pipeline.registry import Registry
+    from policies.trainer import pack_examples, train_causal_lm
+    from tests.helpers import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    examples = [([1] + list(range(5, 40 + i % 7)), [-100] * 10 + list(range(14, 40 + i % 7))) for i in range(24)]
+    rows = pack_examples(examples, 64, tok.pad_token_id)
+    losses, graphs = {}, {}
+    for on in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        cfg = load_config("tiny", [f"run_dir={tmp_path / str(on)}", f"sft.compile={str(on).lower()}", "sft.max_steps=3",
+                                   "sft.batch_size=4", "sft.micro_batch_size=2"])
+        model = tiny_llama(tok)
+        ctx = StageContext("sft", 0, "v", cfg, {}, tmp_path / f"out{on}", tmp_path / f"work{on}", Registry(tmp_path / "reg"),
+                           show_progress=False)
+        losses[on] = train_causal_lm(model, rows, rows[:2], cfg.sft, ctx, seed=0)
+        graphs[on] = counters["stats"]["unique_graphs"]
+        assert not any("forward" in vars(m) for m in model.modules())  # eager again
+    assert graphs[False] == 0 and graphs[True] >= 1
+    assert losses[True]["train_loss"] == pytest.approx(losses[False]["train_loss"], rel=1e-4)
+    assert losses[True]["eval_loss"] == pytest.approx(losses[False]["eval_loss"], rel=1e-4)
+
+
 def test_7b_preset_fits_one_node_of_8_gpus_and_sharding_divides_the_training_state():
     out = CliRunner().invoke(app, ["plan", "--config", "llama2-7b", "--json"])  # hardware: 8 x 80 GB
     assert out.exit_code == 0, out.output
