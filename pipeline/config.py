@@ -342,6 +342,10 @@ class HardwareConfig(_Cfg):
         "fsdp2", description="How the training stages shard the model over several processes: fsdp2 (torch's fully_shard) or "
         "deepspeed (DeepSpeed ZeRO-3; pip install -e '.[deepspeed]'). Same maths, same versions; fsdp2's resume checkpoints "
         "reshard to any number of processes, DeepSpeed's resume with the same number.")
+    shard_inference: bool = Field(False, description="With several processes, the models that only sample or score (the policy "
+                                  "that collect_preferences, rejection_sampling, ghost_attention and evaluate sample from, the reward "
+                                  "models that score) are FSDP2-sharded over the ranks, read by rank 0 alone, and each rank samples its "
+                                  "share of the prompts in lockstep: no GPU holds one whole (70B). Slower than whole models per GPU.")
 
 
 class OrchestrationConfig(_Cfg):

@@ -194,6 +194,22 @@ def all_sum(value: float) -> float:
     return float(t)
 
 
+def all_max(value: float) -> float:
+    """The largest `value` over all ranks."""
+    if not world().distributed:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return float(t)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` holds on any rank (ranks that run a sharded model in lockstep ask it before each call)."""
+    return all_max(1.0 if flag else 0.0) > 0
+
+
 def from_main(obj: Any) -> Any:
     """Rank 0's copy of `obj` on every rank (so ranks that sampled on their own train on the same rows)."""
     if not world().distributed:
@@ -424,6 +440,41 @@ def _fully_shard(module):
         fully_shard(layer)
     fully_shard(module)
     return module
+
+
+def load_sharded(load, device: str, wrap=None):
+    """A model that only runs forward (sampling, scoring) FSDP2-sharded over the ranks from the start, so that no
+    device, and no host but rank 0's, ever holds it whole: rank 0 reads it into host memory (`load()`, which returns it
+    on the CPU), the other ranks build the same modules on the meta device from its config (no weights read, no memory
+    held), and each rank then receives only its shard of rank 0's weights (torch's `set_model_state_dict` with
+    `broadcast_from_rank0`). In one process: `load()` moved to `device`. Call its root; a rank must call it as many times
+    as every other rank (each call gathers the blocks: a collective), which `generate(lockstep=True)` and
+    `reward_models.model.score(lockstep=True)` see to. `wrap`: a module put around the model on every rank before it is
+    sharded, when the forward that runs is the wrapper's (a reward model's `RewardForward`)."""
+    wrap = wrap or (lambda m: m)
+    if not world().distributed:
+        return wrap(load()).to(device).eval()
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    w = world()
+    model = load() if w.is_main else None
+    cls, config = from_main((type(model), model.config) if w.is_main else None)
+    if not w.is_main:
+        with torch.device("meta"):
+            model = cls._from_config(config, dtype=config.dtype)
+    model = wrap(model)
+    full = model.state_dict() if w.is_main else {}
+    _fully_shard(model)  # rank 0's shards move to `device`; the meta ranks' get storage next
+    if not w.is_main:
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for buf in model.buffers():  # the buffers no state dict holds (rotary frequencies): rank 0's
+        dist.broadcast(buf.data, src=0)
+    model._get_fsdp_state()._lazy_init()  # (private API, torch 2.13) as in `shard_frozen`
+    model.set_reshard_after_forward(True, recurse=False)
+    return model.eval()
 
 
 def shard_frozen(module, device: str):

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from pipeline.distributed import all_max, any_rank, gather, share, world
 from pipeline.models import unwrap_peft
 
 
@@ -108,8 +109,8 @@ def _accepts_logits_to_keep(model) -> bool:
 
 @torch.inference_mode()
 def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, pad_id: int, device: torch.device,
-                    generator: torch.Generator | None, keep_kw: dict) -> list[list[list[int]]]:
-    """One bucket of prompts -> for each prompt, n continuations."""
+                    generator: torch.Generator | None, keep_kw: dict, lockstep: bool = False) -> list[list[list[int]]]:
+    """One bucket of prompts -> for each prompt, n continuations. `lockstep`: see `generate`."""
     B, T = len(prompts), params.max_new_tokens
     L = max(len(p) for p in prompts)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
@@ -144,10 +145,14 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: Sam
             if bool(done.any()):  # finished rows leave the batch: from here on they cost nothing
                 lengths[rows[done.cpu()]] = step + 1
                 if bool(done.all()):
+                    if lockstep:
+                        _keep_pace(model, device, step, T)
                     break
                 keep = (~done).nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 tok, full_mask, next_pos, rows = tok[keep], full_mask[keep], next_pos[keep], rows[keep.cpu()]
+        if lockstep and not any_rank(True):  # (always true here: it answers the finished ranks' question)
+            break
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=full_mask[:, :L + step + 1] if padded else None,
                     position_ids=next_pos.unsqueeze(-1), past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1, :]
@@ -156,26 +161,52 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: Sam
     return [res[i * n:(i + 1) * n] for i in range(B)]
 
 
+@torch.inference_mode()
+def _keep_pace(model, device, step: int, T: int) -> None:
+    """A rank with nothing left to sample keeps calling a sharded model (one token, no cache) as long as another rank
+    still decodes: each call gathers the blocks, a collective every rank must join. Mirrors the loop of
+    `_generate_batch` from `step`: the others ask `any_rank` before each decoding call but the last."""
+    dummy = torch.zeros((1, 1), dtype=torch.long, device=device)
+    for _ in range(step, T - 1):
+        if not any_rank(False):
+            return
+        model(input_ids=dummy, use_cache=False)
+
+
+@torch.inference_mode()
+def _idle_batch(model, device, T: int) -> None:
+    """A batch a rank joins with no prompts (it has fewer batches than another rank): the prefill's call, then pace."""
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    _keep_pace(model, device, 0, T)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int = 1, pad_token_id: int = 0,
              max_batch_tokens: int = 16384, progress: Callable[[int], None] | None = None,
-             backend: str = "hf") -> list[list[list[int]]]:
+             backend: str = "hf", lockstep: bool = False) -> list[list[list[int]]]:
     """For each prompt, n sampled continuations (new token ids only). Deterministic given params.seed.
 
     model: a causal LM (HF backend), or for backend="vllm" a checkpoint path or a `VLLMBackend`.
     prompts: token ids, each non-empty. max_batch_tokens bounds rows * (longest prompt + max_new_tokens)
     per batch (the KV-cache size). progress(k) is called after each batch with its number of prompts.
     Returns outs with len(outs) == len(prompts), len(outs[i]) == n, each continuation at most
-    max_new_tokens long and ending at its first stop token. Training mode is restored afterwards."""
+    max_new_tokens long and ending at its first stop token. Training mode is restored afterwards.
+
+    lockstep: `model` is sharded over the ranks (`pipeline.distributed.load_sharded`) and every rank calls this with its
+    own prompts (any number, none included): each makes as many model calls as the busiest, idling through the calls
+    it does not need (`_keep_pace`, `_idle_batch`), so that the gathers inside each call pair up. A rank's outputs are
+    the same as without lockstep."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if len(p) == 0)} is empty; every prompt needs a token")
+    if isinstance(model, ShardedBackend):
+        return model.generate(prompts, params, n, progress)
     if backend == "vllm" or isinstance(model, VLLMBackend):
         engine = model if isinstance(model, VLLMBackend) else VLLMBackend.load(model)
         return engine.generate(prompts, params, n)
     if backend != "hf":
         raise ValueError(f"generation backend must be 'hf' or 'vllm', got {backend!r}")
-    if not prompts:
+    if not prompts and not lockstep:
         return []
     if params.max_new_tokens == 0:
         return [[[] for _ in range(n)] for _ in prompts]
@@ -188,8 +219,13 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n:
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[list[list[int]] | None] = [None] * len(prompts)
     try:
-        for batch in _batches(order, lengths, n, params.max_new_tokens, max_batch_tokens):
-            outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator, keep_kw)
+        batches = _batches(order, lengths, n, params.max_new_tokens, max_batch_tokens)
+        for b in range(int(all_max(len(batches))) if lockstep else len(batches)):
+            if b >= len(batches):
+                _idle_batch(model, device, params.max_new_tokens)
+                continue
+            batch = batches[b]
+            outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator, keep_kw, lockstep)
             for i, o in zip(batch, outs):
                 results[i] = o
             if progress is not None:
@@ -242,6 +278,38 @@ class VLLMBackend:
                 per_prompt.append(ids)
             result.append(per_prompt)
         return result
+
+
+class ShardedBackend:
+    """Sampling from a policy FSDP2-sharded over the ranks (`hardware.shard_inference`), for models no device holds
+    whole (70B): loaded by `pipeline.distributed.load_sharded` (rank 0 reads the folder, every rank keeps its shard),
+    each rank samples its share of the prompts (`share`) in lockstep (`generate(lockstep=True)`: every call of the
+    model gathers one block at a time), and every rank gets all the outputs back (`gather`). The same outputs as our
+    engine on each rank's share with the model whole, its seed offset by the rank (tested in 2 processes)."""
+
+    def __init__(self, model, pad_token_id: int, max_batch_tokens: int = 16384) -> None:
+        self.model, self.pad_token_id, self.max_batch_tokens = model, pad_token_id, max_batch_tokens
+
+    @classmethod
+    def load(cls, path, device: str, dtype: str = "float32", max_batch_tokens: int = 16384):
+        """(engine, tokenizer) of the policy folder at `path`."""
+        from transformers import AutoTokenizer
+
+        from pipeline.distributed import load_sharded
+        from pipeline.models import load_policy
+
+        model = load_sharded(lambda: load_policy(path, "cpu", dtype=dtype)[0], device)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return cls(model, tok.pad_token_id, max_batch_tokens), tok
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
+                 progress: Callable[[int], None] | None = None) -> list[list[list[int]]]:
+        w = world()
+        mine = share(list(prompts), w)
+        seed = None if params.seed is None else params.seed + w.rank
+        outs = generate(self.model, mine, SamplingParams(**{**vars(params), "seed": seed}), n, self.pad_token_id,
+                        self.max_batch_tokens, None if progress is None else (lambda k: progress(k * w.size)), lockstep=True)
+        return gather(outs, w)
 
 
 def engine_for(section, model, path):

@@ -131,15 +131,23 @@ def forward_pair_rewards(model, pairs: Sequence[tuple[Sequence[int], Sequence[in
 
 @torch.no_grad()
 def score(model, tok, prompts: Sequence[Sequence[dict]], responses: Sequence[str], max_length: int, device: str = "cpu",
-          batch_size: int = 64, progress=None) -> torch.Tensor:
-    """(N,) raw rewards of responses to prompts; batches sorted by length to avoid padding. progress(k) after each batch."""
+          batch_size: int = 64, progress=None, lockstep: bool = False) -> torch.Tensor:
+    """(N,) raw rewards of responses to prompts; batches sorted by length to avoid padding. progress(k) after each batch.
+    lockstep: `model` is sharded over the ranks, each scoring its own pairs (any number): every rank makes as many
+    calls as the busiest (a one-token call for each batch it lacks), so that the gathers inside each call pair up."""
+    from pipeline.distributed import all_max
+
     seqs = [encode_pair(tok, p, r, max_length) for p, r in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs))
     was_training = model.training
     model.eval()
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
+    starts = list(range(0, len(order), batch_size))
+    for b in range(int(all_max(len(starts))) if lockstep else len(starts)):
+        if b >= len(starts):
+            forward_rewards(model, [[tok.pad_token_id]], tok.pad_token_id, device)  # keeps pace with the other ranks
+            continue
+        idx = order[starts[b] : starts[b] + batch_size]
         out[idx] = forward_rewards(model, [seqs[j] for j in idx], tok.pad_token_id, device).cpu()
         if progress is not None:
             progress(len(idx))

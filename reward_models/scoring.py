@@ -31,10 +31,28 @@ class Scores:
 
 
 class RewardScorer:
+    """Both reward models, and the safety-gated combination of their scores.
+
+    sharded (`hardware.shard_inference`, several processes): each model FSDP2-sharded over the ranks from the start
+    (`pipeline.distributed.load_sharded`: no device holds one whole), each rank scores its share of the pairs in
+    lockstep and every rank gets all the scores back; the same scores as one process (tested in 2 processes)."""
+
     def __init__(self, helpful_path: str | Path, safety_path: str | Path, device: str = "cpu", threshold: float = 0.15,
-                 max_length: int = 4096, dtype: str = "float32"):
-        self.helpful, self.tok_h = load_reward_model(helpful_path, device, dtype)
-        self.safety, self.tok_s = load_reward_model(safety_path, device, dtype)
+                 max_length: int = 4096, dtype: str = "float32", sharded: bool = False):
+        from pipeline.distributed import load_sharded, world
+
+        self.sharded = sharded and world().distributed
+        if self.sharded:
+            from transformers import AutoTokenizer
+
+            from .model import RewardForward  # the sharded root: its forward is the one that runs
+
+            self.helpful = load_sharded(lambda: load_reward_model(helpful_path, "cpu", dtype)[0], device, wrap=RewardForward)
+            self.safety = load_sharded(lambda: load_reward_model(safety_path, "cpu", dtype)[0], device, wrap=RewardForward)
+            self.tok_h, self.tok_s = AutoTokenizer.from_pretrained(str(helpful_path)), AutoTokenizer.from_pretrained(str(safety_path))
+        else:
+            self.helpful, self.tok_h = load_reward_model(helpful_path, device, dtype)
+            self.safety, self.tok_s = load_reward_model(safety_path, device, dtype)
         self.helpful.eval()
         self.safety.eval()
         self.device, self.threshold, self.max_length = device, threshold, max_length
@@ -43,11 +61,19 @@ class RewardScorer:
     def from_inputs(cls, ctx, threshold: float = 0.15) -> "RewardScorer":
         max_len = max(ctx.config.reward_model_helpful.max_length, ctx.config.reward_model_safety.max_length)
         return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len,
-                   getattr(ctx, "inference_dtype", "float32"))
+                   getattr(ctx, "inference_dtype", "float32"), sharded=ctx.config.hardware.shard_inference)
+
+    def _raw(self, model, tok, prompts, responses) -> torch.Tensor:
+        if not self.sharded:
+            return score(model, tok, prompts, responses, self.max_length, self.device).float()
+        from pipeline.distributed import gather, share
+
+        mine = score(model, tok, share(prompts), share(responses), self.max_length, self.device, lockstep=True)
+        return torch.tensor(gather(mine.tolist()), dtype=torch.float32)
 
     def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True) -> Scores:
-        zh = score(self.helpful, self.tok_h, prompts, responses, self.max_length, self.device).float()
-        zs = score(self.safety, self.tok_s, prompts, responses, self.max_length, self.device).float()
+        zh = self._raw(self.helpful, self.tok_h, prompts, responses)
+        zs = self._raw(self.safety, self.tok_s, prompts, responses)
         rh, rs = torch.sigmoid(zh), torch.sigmoid(zs)
         flags = torch.tensor(list(is_safety), dtype=torch.bool)
         return Scores(rh, rs, gate_reward(rs, rh, flags, self.threshold),

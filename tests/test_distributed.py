@@ -249,3 +249,40 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(two_process_r
     assert p.returncode != 0
     assert "sft.batch_size=5 does not split over 2 processes" in p.stdout + p.stderr
     assert Registry(run).find("sft", 0) is None
+
+
+def test_sampling_and_scoring_with_models_sharded_over_two_processes_equal_whole_models(tmp_path):
+    """hardware.shard_inference's pieces: a policy (tied embeddings) and a reward model FSDP2-sharded over 2 processes
+    from the start (rank 0 reads them; each rank holds half), sampled and scored in lockstep with an uneven share of
+    prompts per rank, give exactly what the whole models give on each rank's share."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from pipeline.models import save_policy
+    from tests.helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    save_policy(LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True)), tok, tmp_path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(**common, num_labels=1))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    out = tmp_path / "out.json"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(root / "tests/scripts/sharded_inference.py"),
+                        str(tmp_path / "policy"), str(tmp_path / "rm"), str(out)], capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, _failure(p)
+    r = json.loads(out.read_text())
+    assert r["local_params"] < 0.6 * r["whole_params"]  # each rank holds about half
+    for name in ("sampled", "greedy"):
+        sharded, whole = r[name]["sharded"], r[name]["whole"]
+        assert len(sharded) == 11 and all(len(s) == 3 for s in sharded)
+        assert sharded == whole, name
+    lengths = {len(c) for per in r["sampled"]["sharded"] for c in per}
+    assert len(lengths) > 1  # rows stopped at different steps: the lockstep paced ranks with nothing left
+    assert r["scores"]["sharded_is_sharded"]
+    assert r["scores"]["sharded"] == pytest.approx(r["scores"]["whole"], abs=1e-5)
