@@ -322,10 +322,13 @@ class Sharded:
                        options=StateDictOptions(full_state_dict=True, strict=not self.frozen_out))
 
     @contextlib.contextmanager
-    def gathered(self):
+    def gathered(self, whole: bool = True):
         """Inside, every rank holds the whole model (FSDP2: every unit all-gathered once and kept), so that its
         submodules can be called directly and without collectives, as sampling does; resharded on leaving. Needs
-        the memory of the whole model on each rank, as TRL's generation under ZeRO-3 does by default."""
+        the memory of the whole model on each rank, as TRL's generation under ZeRO-3 does by default.
+        whole=False (`hardware.shard_inference`, models too big for one device): only the root's own weights
+        (embeddings, final norm, heads) are gathered; each block gathers itself in its forward, so every rank must
+        make the same calls (`generate(lockstep=True)`)."""
         if self.engine != "fsdp2":
             yield self.module
             return
@@ -333,6 +336,13 @@ class Sharded:
 
         # FSDP2 initialises at the root's first forward; sampling calls submodules only (private API, torch 2.13)
         self.module._get_fsdp_state()._lazy_init()
+        if not whole:
+            self.module.unshard()  # not recursive: the root unit alone
+            try:
+                yield self.module
+            finally:
+                self.module.reshard()
+            return
         units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
         self.module.set_reshard_after_forward(False)
         for unit in units:
@@ -442,12 +452,24 @@ def _fully_shard(module):
     return module
 
 
+def load_device(cfg, device: str) -> str:
+    """Where a stage that trains loads its model, and gets it back after training: host memory when the model is too
+    big for one device (`hardware.shard_inference` in several processes, FSDP2: `fully_shard` moves each rank's shard
+    to the device, so no device holds the whole model), else the device."""
+    return "cpu" if big_model(cfg) else device
+
+
+def big_model(cfg) -> bool:
+    """Whether this run's models are too big for one device: `hardware.shard_inference` in several processes with FSDP2."""
+    return cfg.hardware.shard_inference and world().distributed and cfg.hardware.sharding == "fsdp2"
+
+
 def load_sharded(load, device: str, wrap=None):
     """A model that only runs forward (sampling, scoring) FSDP2-sharded over the ranks from the start, so that no
     device, and no host but rank 0's, ever holds it whole: rank 0 reads it into host memory (`load()`, which returns it
     on the CPU), the other ranks build the same modules on the meta device from its config (no weights read, no memory
     held), and each rank then receives only its shard of rank 0's weights (torch's `set_model_state_dict` with
-    `broadcast_from_rank0`). In one process: `load()` moved to `device`. Call its root; a rank must call it as many times
+    `broadcast_from_rank0`). In one process: `load()` moved to `device`. Every rank must call it (or its submodules) as many times
     as every other rank (each call gathers the blocks: a collective), which `generate(lockstep=True)` and
     `reward_models.model.score(lockstep=True)` see to. `wrap`: a module put around the model on every rank before it is
     sharded, when the forward that runs is the wrapper's (a reward model's `RewardForward`)."""
@@ -472,8 +494,11 @@ def load_sharded(load, device: str, wrap=None):
     del full
     for buf in model.buffers():  # the buffers no state dict holds (rotary frequencies): rank 0's
         dist.broadcast(buf.data, src=0)
-    model._get_fsdp_state()._lazy_init()  # (private API, torch 2.13) as in `shard_frozen`
-    model.set_reshard_after_forward(True, recurse=False)
+    # the root's own weights (embeddings, final norm, heads: small) stay gathered, so that submodules can be called
+    # directly (a reward model's trunk, the chunked log-probs of `evaluate`'s KL): each block gathers itself
+    model._get_fsdp_state()._lazy_init()  # (private API, torch 2.13) FSDP2 initialises at the root's first call
+    model.set_reshard_after_forward(False, recurse=False)
+    model.unshard()  # not recursive: the root unit alone
     return model.eval()
 
 
@@ -482,7 +507,7 @@ def shard_frozen(module, device: str):
     decoder block and the root, gathered a block at a time in its forward; unchanged in one process. Call the root."""
     if not world().distributed:
         return module
-    _fully_shard(module.to(device))
+    _fully_shard(module)  # `fully_shard` moves each rank's shard to the device (a big model waits in host memory)
     # FSDP2 keeps a root's weights gathered after its forward, for the backward that follows; this one has none
     module._get_fsdp_state()._lazy_init()  # (private API, torch 2.13: the root is special-cased at initialisation)
     module.set_reshard_after_forward(True, recurse=False)

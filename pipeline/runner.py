@@ -241,6 +241,11 @@ class Runner:
         distributed.tell(("done", result.artifact.version, result.cached))
         return result
 
+    def _all_ranks(self, spec: StageSpec) -> bool:
+        """Whether every rank runs this stage's build: a distributed stage, or one that only samples and scores when its
+        models are sharded over the ranks (`hardware.shard_inference`); else rank 0 builds it alone."""
+        return spec.distributed or (spec.samples and self.cfg.hardware.shard_inference)
+
     def _follow(self, stage: str, round: int) -> StageResult:
         """A rank other than 0: join rank 0's build of a distributed stage, with a scratch output folder
         (rank 0's is the artifact), then take the artifact rank 0 committed."""
@@ -320,10 +325,11 @@ class Runner:
                 fn = _entry(spec)
                 _quiet_libraries()
                 _seed_everything(ctx.seed, self.cfg.threads)
-                if spec.distributed and self.world.distributed:
+                joins = self._all_ranks(spec)
+                if joins and self.world.distributed:
                     distributed.tell(("build", version, str(work)))
                     self._joined = True
-                with contextlib.nullcontext() if spec.distributed else distributed.solo():
+                with contextlib.nullcontext() if joins else distributed.solo():
                     metrics = fn(ctx) or {}
                 if (work / "metrics.jsonl").exists():
                     shutil.copy2(work / "metrics.jsonl", build / "metrics.jsonl")
@@ -342,7 +348,7 @@ class Runner:
                     "finished_at": finished,
                     "duration_s": builtins.round(finished - started, 3),
                     "artifact_type": spec.artifact_type,
-                    "world_size": self.world.size if spec.distributed else 1,
+                    "world_size": self.world.size if joins else 1,
                 }
                 artifact = self.registry.commit(build, manifest)
         except BaseException as e:  # noqa: BLE001 - record every failure, then re-raise

@@ -30,6 +30,9 @@ class StageSpec:
     # True: in several processes every rank runs it (its trainer shards the model, pipeline/distributed.py);
     # False: rank 0 runs it alone while the others wait
     distributed: bool = False
+    # True: it only samples and scores (collect_preferences, evaluate); with hardware.shard_inference every rank
+    # joins it as if it were distributed, each holding a shard of its models (pipeline/distributed.py `load_sharded`)
+    samples: bool = False
     # The kind of worker it needs under Prefect work pools (flows/cluster.py): "gpu" (models) or "cpu"
     resource: str = "gpu"
 
@@ -145,7 +148,7 @@ STAGES: dict[str, StageSpec] = {
                   lambda c, r: {"data": ("data", 0), "policy": (policy_stage(c, r - 1), r - 1), "pretrained": ("pretrained", 0)},
                   ("policies.collect_preferences", "policies.generation", *COMMON), "dataset",
                   ("n_comparisons", "share_safety"), "rlhf", "New comparisons on samples of the latest policy.", _preference_file,
-                  check="policies.collect_preferences:check"),
+                  check="policies.collect_preferences:check", samples=True),
         StageSpec("reward_model_helpful", "reward_models.train:run_helpful", _rm_inputs("reward_model_helpful"),
                   ("reward_models", *COMMON), "model", ("accuracy", "accuracy_significantly_better"), "rlhf",
                   "Helpfulness reward model, margin ranking loss.", distributed=True),
@@ -168,7 +171,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("evaluate", "policies.evaluate:run", _eval_inputs,
                   ("policies.evaluate", "policies.eval_stats", "policies.generation", "reward_models", *COMMON), "report",
                   ("gold_helpfulness", "gold_win_rate_vs_sft", "gold_safety_violation_rate"), "rlhf",
-                  "Win rates, RM accuracy, safety, false refusals, GAtt adherence; gold scores in the demo."),
+                  "Win rates, RM accuracy, safety, false refusals, GAtt adherence; gold scores in the demo.", samples=True),
     ]
 }
 

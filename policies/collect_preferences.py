@@ -22,26 +22,22 @@ from pathlib import Path
 
 from pipeline.context import StageContext, StageFailed
 from pipeline.io import write_jsonl
-from pipeline.models import load_policy
 
 from data_specs.schemas import Comparison, Message, Prompt, messages_to_dicts
 
-from .common import demo_oracle, load_data, sample_replies, subsample
-from .generation import engine_for
+from .common import demo_oracle, load_data, policy_sampler, sample_replies, subsample
 
 
 def sample_pairs(ctx: StageContext) -> list[dict]:
     """Unlabeled pairs: {prompt_id, prompt, is_safety_prompt, response_a, response_b, temperatures}."""
     cfg = ctx.section
     prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
-    model, tok = load_policy(ctx.input("policy").path, ctx.device, dtype=ctx.inference_dtype)
+    model, tok = policy_sampler(ctx, cfg, ctx.input("policy").path)
     dialogues = [messages_to_dicts(p.messages) for p in prompts]
     temps = [cfg.temperatures[i % len(cfg.temperatures)] for i in range(cfg.responses_per_prompt)]
-    model = engine_for(cfg, model, ctx.input("policy").path)
     sources = [(model, t, "policy") for t in sorted(set(temps))]
     if cfg.base_responses:  # a different model variant, as the paper's annotators compared (sec. 3.2.1)
-        base, _ = load_policy(ctx.input("pretrained").path, ctx.device, dtype=ctx.inference_dtype)
-        sources.append((engine_for(cfg, base, ctx.input("pretrained").path), max(cfg.temperatures), "pretrained"))
+        sources.append((policy_sampler(ctx, cfg, ctx.input("pretrained").path)[0], max(cfg.temperatures), "pretrained"))
     responses: list[list[tuple[str, float, str]]] = [[] for _ in prompts]
     bar = ctx.progress(len(prompts) * len(sources), "sample", unit="prompt")
     for k, (m, t, name) in enumerate(sources):

@@ -37,6 +37,42 @@ def subsample(records: Sequence, n: int, seed: int) -> list:
     return random.Random(seed).sample(records, n)
 
 
+def sharded_inference(ctx: StageContext) -> bool:
+    """Whether this stage's frozen models are sharded over the ranks (`hardware.shard_inference`, several processes)."""
+    from pipeline.distributed import world
+
+    return ctx.config.hardware.shard_inference and world().distributed
+
+
+def load_frozen_policy(ctx: StageContext, path):
+    """(model, tokenizer) of a policy a stage only samples from or scores with, in the inference dtype: whole on the
+    device, or with `hardware.shard_inference` FSDP2-sharded over the ranks (`pipeline.distributed.load_sharded`: rank 0
+    reads it, every rank keeps a shard); every rank must then make the same calls with it (the same inputs, or
+    `ShardedBackend` and the scorer's lockstep)."""
+    from pipeline.models import load_policy
+
+    if not sharded_inference(ctx):
+        return load_policy(path, ctx.device, dtype=ctx.inference_dtype)
+    from transformers import AutoTokenizer
+
+    from pipeline.distributed import load_sharded
+
+    model = load_sharded(lambda: load_policy(path, "cpu", dtype=ctx.inference_dtype)[0], ctx.device)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def policy_sampler(ctx: StageContext, section, path):
+    """(what to sample with, tokenizer) for a policy a stage only samples from: our engine on the whole model, vLLM
+    (`generation.backend`), or with `hardware.shard_inference` the model sharded over the ranks, each sampling its share
+    of the prompts (`ShardedBackend`)."""
+    from .generation import ShardedBackend, engine_for
+
+    model, tok = load_frozen_policy(ctx, path)
+    if sharded_inference(ctx):
+        return ShardedBackend(model, tok.pad_token_id, section.generation.max_batch_tokens), tok
+    return engine_for(section, model, path), tok
+
+
 def sample_replies(model, tok, dialogues: Sequence[Sequence[dict]], n: int, max_new_tokens: int, temperature: float, seed: int,
                    top_p: float = 1.0, progress=None, max_batch_tokens: int = 16384) -> list[list[str]]:
     """n replies per dialogue (lists of {"role", "content"}), through the one generation interface: `model` is a

@@ -29,13 +29,12 @@ from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext
 from pipeline.errors import StageFailed
 from pipeline.io import read_json, write_json, write_jsonl
-from pipeline.models import load_policy
 from reward_models.losses import pairwise_accuracy
 
 from data_specs.schemas import messages_to_dicts
 
-from .common import demo_oracle, gold_report, load_data, sample_replies, subsample
-from .generation import engine_for
+from .common import demo_oracle, gold_report, load_data, load_frozen_policy, sample_replies, sharded_inference, subsample
+from .generation import ShardedBackend, engine_for
 from .eval_stats import N_BOOT, bootstrap_ci, compare_to_baselines, excludes, reward_hacking_tests, win_outcomes
 from .ghost_attention import adherence_by_turn, get_checker, late, user_pool
 
@@ -115,10 +114,18 @@ class HeldOutRMJudge(Judge):
     prompts the optimised reward models hold out, so RS and PPO never optimised against it; the higher reward
     wins, equal is a tie (Llama 2 sec. 3.4.1 checks its RMs against such a held-out model)."""
 
-    def __init__(self, path, max_length: int, device: str, dtype: str = "float32"):
-        from reward_models.model import load_reward_model
+    def __init__(self, path, max_length: int, device: str, dtype: str = "float32", sharded: bool = False):
+        from reward_models.model import RewardForward, load_reward_model
 
-        self.model, self.tok = load_reward_model(path, device, dtype)
+        if sharded:  # hardware.shard_inference: every rank a shard, every rank scores the same pairs
+            from transformers import AutoTokenizer
+
+            from pipeline.distributed import load_sharded
+
+            self.model = load_sharded(lambda: load_reward_model(path, "cpu", dtype)[0], device, wrap=RewardForward)
+            self.tok = AutoTokenizer.from_pretrained(str(path))
+        else:
+            self.model, self.tok = load_reward_model(path, device, dtype)
         self.max_length, self.device = max_length, device
         self.name = f"held-out judge RM ({Path(path).name})"
 
@@ -136,7 +143,8 @@ def make_judge(spec: str, seed: int = 0, ctx: StageContext | None = None) -> Jud
     if spec == "rm":
         return None
     if spec == "heldout_rm" and ctx is not None:
-        return HeldOutRMJudge(ctx.input("judge").path, ctx.config.judge_reward_model.max_length, ctx.device, ctx.inference_dtype)
+        return HeldOutRMJudge(ctx.input("judge").path, ctx.config.judge_reward_model.max_length, ctx.device, ctx.inference_dtype,
+                              sharded=sharded_inference(ctx))
     if spec.startswith("command:") and spec[len("command:"):].strip():
         return CommandJudge(spec[len("command:"):].strip(), seed)
     raise StageFailed(f"evaluate.judge must be 'rm', 'heldout_rm' or 'command: <shell command>', got {spec!r}")
@@ -179,11 +187,15 @@ def run(ctx: StageContext) -> dict:
 
     policies = {"policy": ctx.input("policy"), "previous": ctx.input("previous_policy"), "sft": ctx.input("sft")}
     replies, scores, models, engines = {}, {}, {}, {}
+    # with hardware.shard_inference every rank holds a shard of each model and runs this whole stage on the same
+    # prompts in lockstep: the outputs of one process, the memory divided, the work not
+    sharded = sharded_inference(ctx)
     for name, art in policies.items():
-        model, tok = load_policy(art.path, device, dtype=ctx.inference_dtype)
+        model, tok = load_frozen_policy(ctx, art.path)
         models[name] = model
         # the same prompts and sampling seed every round, so rounds are compared on equal terms
-        engines[name] = engine_for(cfg, model, art.path)
+        engines[name] = ShardedBackend(model, tok.pad_token_id, cfg.generation.max_batch_tokens, split=False) if sharded \
+            else engine_for(cfg, model, art.path)
         bar = ctx.progress(len(dialogues), f"sample {name}", unit="prompt")
         replies[name] = [r[0] for r in sample_replies(engines[name], tok, dialogues, 1, cfg.max_new_tokens, cfg.temperature, ctx.config.seed,
                                                       top_p=cfg.generation.top_p, max_batch_tokens=cfg.generation.max_batch_tokens,
@@ -215,7 +227,8 @@ def run(ctx: StageContext) -> dict:
 
     # KL to SFT on samples of the policy
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=1.0, stop_token_ids=stop_token_ids(tok), seed=ctx.seed + 1)
-    sampled = [r[0] for r in generate(models["policy"], [encode_prompt(tok, d) for d in dialogues], sp, n=1, pad_token_id=tok.pad_token_id)]
+    sampled = [r[0] for r in generate(models["policy"], [encode_prompt(tok, d) for d in dialogues], sp, n=1, pad_token_id=tok.pad_token_id,
+                                      lockstep=sharded)]
     kl = sequence_kl(models["policy"], models["sft"], tok, dialogues, sampled, device)
     metrics["kl_to_sft"] = float(np.mean(kl))
     metrics["kl_to_sft_ci95"] = ci(kl, seed)
@@ -326,7 +339,7 @@ def run(ctx: StageContext) -> dict:
                 return verdicts[-1]
 
             bar = ctx.progress(cfg.gatt_turns * cfg.gatt_dialogues, "GAtt adherence", unit="reply")
-            by_turn = adherence_by_turn(models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, recording,
+            by_turn = adherence_by_turn(engines["policy"] if sharded else models["policy"], tok, pool, users, cfg.gatt_turns, cfg.gatt_dialogues, recording,
                                         ctx.config.seed, cfg.max_new_tokens, progress=bar.update)
             bar.close()
             n = cfg.gatt_dialogues

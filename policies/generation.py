@@ -107,7 +107,6 @@ def _accepts_logits_to_keep(model) -> bool:
         return False
 
 
-@torch.inference_mode()
 def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: SamplingParams, pad_id: int, device: torch.device,
                     generator: torch.Generator | None, keep_kw: dict, lockstep: bool = False) -> list[list[list[int]]]:
     """One bucket of prompts -> for each prompt, n continuations. `lockstep`: see `generate`."""
@@ -161,7 +160,6 @@ def _generate_batch(model, prompts: Sequence[Sequence[int]], n: int, params: Sam
     return [res[i * n:(i + 1) * n] for i in range(B)]
 
 
-@torch.inference_mode()
 def _keep_pace(model, device, step: int, T: int) -> None:
     """A rank with nothing left to sample keeps calling a sharded model (one token, no cache) as long as another rank
     still decodes: each call gathers the blocks, a collective every rank must join. Mirrors the loop of
@@ -173,7 +171,6 @@ def _keep_pace(model, device, step: int, T: int) -> None:
         model(input_ids=dummy, use_cache=False)
 
 
-@torch.inference_mode()
 def _idle_batch(model, device, T: int) -> None:
     """A batch a rank joins with no prompts (it has fewer batches than another rank): the prefill's call, then pace."""
     model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
@@ -218,18 +215,21 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, n:
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     results: list[list[list[int]] | None] = [None] * len(prompts)
+    # inference mode, except for a sharded model: FSDP2 would gather its blocks into inference tensors, which a later
+    # call outside inference mode (a no-grad log-prob pass) cannot write into again
     try:
-        batches = _batches(order, lengths, n, params.max_new_tokens, max_batch_tokens)
-        for b in range(int(all_max(len(batches))) if lockstep else len(batches)):
-            if b >= len(batches):
-                _idle_batch(model, device, params.max_new_tokens)
-                continue
-            batch = batches[b]
-            outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator, keep_kw, lockstep)
-            for i, o in zip(batch, outs):
-                results[i] = o
-            if progress is not None:
-                progress(len(batch))
+        with torch.no_grad() if lockstep else torch.inference_mode():
+            batches = _batches(order, lengths, n, params.max_new_tokens, max_batch_tokens)
+            for b in range(int(all_max(len(batches))) if lockstep else len(batches)):
+                if b >= len(batches):
+                    _idle_batch(model, device, params.max_new_tokens)
+                    continue
+                batch = batches[b]
+                outs = _generate_batch(model, [prompts[i] for i in batch], n, params, pad_token_id, device, generator, keep_kw, lockstep)
+                for i, o in zip(batch, outs):
+                    results[i] = o
+                if progress is not None:
+                    progress(len(batch))
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
@@ -287,8 +287,10 @@ class ShardedBackend:
     model gathers one block at a time), and every rank gets all the outputs back (`gather`). The same outputs as our
     engine on each rank's share with the model whole, its seed offset by the rank (tested in 2 processes)."""
 
-    def __init__(self, model, pad_token_id: int, max_batch_tokens: int = 16384) -> None:
-        self.model, self.pad_token_id, self.max_batch_tokens = model, pad_token_id, max_batch_tokens
+    def __init__(self, model, pad_token_id: int, max_batch_tokens: int = 16384, split: bool = True) -> None:
+        """split=False: every rank samples every prompt with the same seed (the outputs of one process, whatever the
+        number of ranks; the work is not divided), in lockstep all the same."""
+        self.model, self.pad_token_id, self.max_batch_tokens, self.split = model, pad_token_id, max_batch_tokens, split
 
     @classmethod
     def load(cls, path, device: str, dtype: str = "float32", max_batch_tokens: int = 16384):
@@ -302,9 +304,14 @@ class ShardedBackend:
         tok = AutoTokenizer.from_pretrained(str(path))
         return cls(model, tok.pad_token_id, max_batch_tokens), tok
 
+    def to(self, device):  # the stages move a sampler aside while reward models score; a sharded one stays
+        return self
+
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
                  progress: Callable[[int], None] | None = None) -> list[list[list[int]]]:
         w = world()
+        if not self.split:
+            return generate(self.model, prompts, params, n, self.pad_token_id, self.max_batch_tokens, progress, lockstep=True)
         mine = share(list(prompts), w)
         seed = None if params.seed is None else params.seed + w.rank
         outs = generate(self.model, mine, SamplingParams(**{**vars(params), "seed": seed}), n, self.pad_token_id,

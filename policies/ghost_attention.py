@@ -23,12 +23,13 @@ from typing import Callable, Sequence
 
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext, StageFailed
+from pipeline.distributed import load_device
 from pipeline.io import write_json, write_jsonl
 from pipeline.models import save_policy
 
 from data_specs.schemas import GattInstruction
 
-from .common import demo_oracle, load_data, sample_replies
+from .common import demo_oracle, load_data, policy_sampler, sample_replies, sharded_inference
 from .generation import engine_for
 from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
@@ -146,7 +147,10 @@ def run(ctx: StageContext) -> dict:
         raise StageFailed(f"no GAtt instructions in categories {cfg.categories}")
     checker = get_checker(ctx)
     keep = get_filter(cfg)
-    model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
+    # the policy samples first; with hardware.shard_inference from a copy sharded over the ranks, and the model to
+    # fine-tune is loaded only once that copy is freed
+    sharded = sharded_inference(ctx)
+    model, tok = policy_sampler(ctx, cfg, ctx.input("policy").path) if sharded else load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
 
     users = user_pool(ctx)
     held_out_users = user_pool(ctx, "eval_prompts.jsonl")
@@ -197,6 +201,9 @@ def run(ctx: StageContext) -> dict:
         kept = [r["messages"] for r in records]
     examples = [encode_dialogue(tok, m, train_on="last") for m in kept]  # loss only on the last assistant turn
     rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
+    if sharded:
+        del sampler, model
+        model, tok = load_trainable(ctx.input("policy").path, cfg.lora, load_device(ctx.config, ctx.device))
     model = apply_lora(model, cfg.lora, ctx.device)
     train = train_causal_lm(model, rows, [], cfg, ctx, seed=ctx.seed)
     model = merge_lora(model).eval()

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
-from pipeline.distributed import Sharded, all_sum, check_divisible, gather, shard_frozen, share
+from pipeline.distributed import Sharded, all_sum, check_divisible, gather, load_device, shard_frozen, share
 from pipeline.io import write_json
 from pipeline.models import load_policy, save_policy, unwrap_peft
 
@@ -294,7 +294,8 @@ def run(ctx: StageContext) -> dict:
 
     cfg = ctx.section
     device = ctx.device
-    policy, tok = load_policy(ctx.input("policy").path, device)
+    home = load_device(ctx.config, device) if cfg.shard_policy else device  # too big for one device: host, then sharded
+    policy, tok = load_policy(ctx.input("policy").path, home)
     hidden = policy.config.hidden_size
     ref = None
     if not cfg.lora.enabled:  # pi_0 as a frozen copy; with LoRA it is the same weights with adapters off
@@ -313,6 +314,7 @@ def run(ctx: StageContext) -> dict:
                  engine="fsdp2" if cfg.shard_policy else "replicated", max_grad_norm=cfg.max_grad_norm)
     model = pv.module  # every forward pass goes through it
     del policy, critic
+    sharded_sampling = pv.engine == "fsdp2" and ctx.config.hardware.shard_inference  # never gathered whole (70B)
     if pv.engine == "fsdp2":  # every forward and backward is a collective: every rank must take as many pieces
         check_divisible(cfg.mini_batch_size, "ppo.mini_batch_size")
         if cfg.batch_size % cfg.mini_batch_size:
@@ -356,8 +358,9 @@ def run(ctx: StageContext) -> dict:
         prompt_ids = [encode_prompt(tok, d) for d in dialogues]
         sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stops, seed=ctx.seed + step)
         # several processes: each samples and scores its share of the prompts; every rank then holds the whole batch
-        with pv.gathered() as whole:
-            responses = gather([r[0] for r in generate(whole.policy, share(prompt_ids), sp, n=1, pad_token_id=tok.pad_token_id)])
+        with pv.gathered(whole=not sharded_sampling) as m:  # too big for one device: blocks gathered one at a time, in lockstep
+            responses = gather([r[0] for r in generate(m.policy, share(prompt_ids), sp, n=1, pad_token_id=tok.pad_token_id,
+                                                       lockstep=sharded_sampling)])
         texts = [tok.decode(r, skip_special_tokens=True).strip() for r in responses]
         sc = score_rollouts(scorer, dialogues, texts, [p.is_safety for p in prompts])
         done = finished(responses, stops)
@@ -445,10 +448,10 @@ def run(ctx: StageContext) -> dict:
             start_over = True
     sharding = pv.engine
     del scorer  # the reward models are done: their memory is free for the gathered policy
-    trained = pv.unshard(device)  # the plain PolicyValue with the kept weights, on every rank
+    trained = pv.unshard(home)  # the plain PolicyValue with the kept weights, on every rank
     policy, head = trained.policy, trained.head
     if start_over:
-        policy, tok = load_policy(ctx.input("policy").path, device)
+        policy, tok = load_policy(ctx.input("policy").path, home)
     policy = merge_lora(policy).eval()
     save_policy(policy, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
     save_value_head(head, ctx.out_dir)

@@ -16,12 +16,13 @@ import torch
 
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext
+from pipeline.distributed import load_device
 from pipeline.io import read_jsonl, write_json, write_jsonl
 from pipeline.models import save_policy
 
 from data_specs.schemas import messages_to_dicts
 
-from .common import demo_oracle, load_data, sample_replies, subsample
+from .common import demo_oracle, load_data, policy_sampler, sample_replies, sharded_inference, subsample
 from .generation import engine_for
 from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
@@ -60,13 +61,20 @@ def run(ctx: StageContext) -> dict:
 
     cfg = ctx.section
     prompts = subsample(load_data(ctx, "prompts.jsonl", "prompt"), cfg.prompts_per_round, ctx.seed)
-    model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
+    # with hardware.shard_inference the policy samples from a copy sharded over the ranks (each its share of the
+    # prompts), and the model to fine-tune is loaded once that copy and the reward models are freed
+    sharded = sharded_inference(ctx)
+    if sharded:
+        sampler, tok = policy_sampler(ctx, cfg, ctx.input("policy").path)
+        model = sampler
+    else:
+        model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
+        sampler = engine_for(cfg, model, ctx.input("policy").path)
     dialogues = [messages_to_dicts(p.messages) for p in prompts]
 
     # K samples per prompt at each temperature
     candidates: list[list[tuple[str, float]]] = [[] for _ in prompts]
     bar = ctx.progress(len(prompts) * len(cfg.temperatures), f"best-of-{cfg.k} sampling", unit="prompt")
-    sampler = engine_for(cfg, model, ctx.input("policy").path)
     for t in cfg.temperatures:
         replies = sample_replies(sampler, tok, dialogues, cfg.k, cfg.max_new_tokens, t, ctx.seed + int(t * 1000), top_p=cfg.generation.top_p,
                                  progress=bar.update, max_batch_tokens=cfg.generation.max_batch_tokens)
@@ -125,7 +133,11 @@ def run(ctx: StageContext) -> dict:
             seen.add(key)
             unique.append(s)
     del scorer  # the reward models are done: free them before the policy trains
-    model.to(ctx.device)
+    if sharded:
+        del sampler, model
+        model, _ = load_trainable(ctx.input("policy").path, cfg.lora, load_device(ctx.config, ctx.device))
+    else:
+        model.to(ctx.device)  # back from the host, where it waited while the reward models scored
     examples = [encode_dialogue(tok, [*s["prompt"], {"role": "assistant", "content": s["response"]}]) for s in unique]
     train_rows = pack_examples(examples, cfg.seq_len, tok.pad_token_id)
     model = apply_lora(model, cfg.lora, ctx.device)

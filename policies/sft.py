@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pipeline.chat import encode_dialogue
 from pipeline.context import StageContext
+from pipeline.distributed import load_device
 from pipeline.models import save_policy
 
 from data_specs.schemas import messages_to_dicts
@@ -30,7 +31,7 @@ def build_rows(tok, examples, seq_len: int, eval_fraction: float, seed: int):
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section
-    model, tok = load_trainable(ctx.input("base").path, cfg.lora, ctx.device)
+    model, tok = load_trainable(ctx.input("base").path, cfg.lora, load_device(ctx.config, ctx.device))  # big: host, then sharded
     examples = load_data(ctx, "sft.jsonl", "sft")
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]

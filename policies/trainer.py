@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pipeline.chat import IGNORE
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
-from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, share, world
+from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, load_device, share, world
 from pipeline.io import fsync_path
 from pipeline.models import QLoRAUnavailable, is_quantized, load_policy, qlora_quantization
 
@@ -444,7 +444,9 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     In several processes (pipeline/distributed.py) the model is sharded with FSDP2 while it trains, each
     rank takes its share of every step's rows, and `model` holds the trained weights on every rank after."""
     device = ctx.device
-    model.to(device).train()
+    if not world().distributed:  # several processes: the engine puts each rank's shard on the device (`Sharded`)
+        model.to(device)
+    model.train()
     reset_peak_memory(device)
     if tc.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer (pipeline/plan.py)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -452,7 +454,7 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     if n == 0:
         raise StageFailed(f"{ctx.stage}: no training examples with answer tokens")
     check_divisible(tc.batch_size, f"{ctx.stage}.batch_size")
-    train_rows = from_main(train_rows)
+    train_rows, eval_rows = from_main((train_rows, eval_rows))
     steps_per_epoch = max(1, math.ceil(n / tc.batch_size))
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(seed)
@@ -499,13 +501,13 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
             save_train_state(ckpt_path, sharded, sched, step + 1)
     bar.close()
     peak = peak_memory_gib(device)
-    model = sharded.unshard(device)
+    elapsed = time.time() - t0
+    eval_loss = evaluate_loss(net, eval_rows, tc.micro_batch_size, device)  # still sharded: every rank the same rows
+    model = sharded.unshard(load_device(ctx.config, device))  # with hardware.shard_inference, into host memory
     world_size, sharding = sharded.world.size, sharded.engine
     del net, sharded
     if tc.gradient_checkpointing:
         model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
-    elapsed = time.time() - t0
-    eval_loss = evaluate_loss(model, eval_rows, tc.micro_batch_size, device)
     return {
         "train_loss": last_loss,
         "eval_loss": eval_loss,

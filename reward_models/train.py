@@ -73,7 +73,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     """A reward model of `kind` on the round's comparisons (split by prompt: the held-out prompts' comparisons
     measure it). judge=True: the held-out judge RM, trained on exactly those held-out comparisons (both domains,
     no static sets), so it has seen nothing the optimised RMs trained on; it is measured on the template pairs."""
-    from pipeline.distributed import Sharded, all_sum, check_divisible, share, world
+    from pipeline.distributed import Sharded, all_sum, big_model, check_divisible, from_main, load_device, load_sharded, share, world
     from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
     cfg = ctx.section
@@ -92,7 +92,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     if not train:
         raise StageFailed(f"{ctx.stage}: no {'held-out' if judge else kind} comparisons to train on (collected: {len(comparisons)}"
                           + (f", held out: eval_fraction={cfg.eval_fraction}" if judge else "") + ")")
-    model, tok = load_reward_model(_init_path(ctx), device)
+    model, tok = load_reward_model(_init_path(ctx), load_device(ctx.config, device))  # big models: host memory, then sharded
     if cfg.gradient_checkpointing:  # exact: the same losses, activations recomputed layer by layer
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora, device, task_type="SEQ_CLS")  # the scalar head trains in full (peft modules_to_save)
@@ -152,13 +152,17 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
         bar.set_postfix(loss=f"{step_loss:.3f}", pairs_s=f"{pairs_done / max(1e-9, time.time() - t0):.1f}")
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             save_train_state(ckpt, sharded, sched, step + 1)
-    model = merge_lora(sharded.unshard(device).model)
+    model = merge_lora(sharded.unshard(load_device(ctx.config, device)).model)
     world_size, sharding = sharded.world.size, sharded.engine
     del net, sharded
     bar.close()
     elapsed = time.time() - t0
     model.eval()
     save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
+    if big_model(ctx.config):  # too big for one device: score with a copy sharded over the ranks, read back from the artifact
+        saved = from_main(str(ctx.out_dir))  # rank 0's folder (the others wrote a scratch copy)
+        del model
+        model = load_sharded(lambda: load_reward_model(saved, "cpu", ctx.inference_dtype)[0], device, wrap=RewardForward)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
                "world_size": world_size, "sharding": sharding,

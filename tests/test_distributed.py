@@ -286,3 +286,49 @@ def test_sampling_and_scoring_with_models_sharded_over_two_processes_equal_whole
     assert len(lengths) > 1  # rows stopped at different steps: the lockstep paced ranks with nothing left
     assert r["scores"]["sharded_is_sharded"]
     assert r["scores"]["sharded"] == pytest.approx(r["scores"]["whole"], abs=1e-5)
+
+
+def _numbers(metrics: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seconds", "tokens_per_s", "pairs_per_s"):
+            out[prefix + k] = float(v)
+    return out
+
+
+def test_shard_inference_in_two_processes_equals_one(two_process_run, tmp_path):
+    """hardware.shard_inference (models too big for one device): sft and a reward model load in host memory and
+    shard onto the devices, score their held-out data with the sharded model (the RM re-read, sharded, from its
+    artifact) and hand the stage back in host memory; `evaluate` joins every rank, each holding a shard of every
+    model. On copies of the single-process registry they build the same versions with the same losses, accuracies
+    and evaluation as one process."""
+    _, arts, _ = two_process_run
+    cfg_dir = Path(arts[("data", 0)].path).parents[2]
+    sets = ("hardware.shard_inference=true",)
+    train = tmp_path / "train"
+    shutil.copytree(cfg_dir / "artifacts", train / "artifacts", ignore=lambda d, names: [n for n in names if n in ("sft", "reward_model_helpful")])
+    for stage, r in (("sft", 0), ("reward_model_helpful", 1)):
+        p = rlhf("stage", stage, "--round", str(r), *_tiny(train, *sets), "--nproc", "2")
+        assert p.returncode == 0, _failure(p)
+        one, two = arts[(stage, r)], Registry(train).find(stage, r)
+        assert two.version == one.version and two.manifest["world_size"] == 2, stage
+        a, b = losses(one), losses(two)
+        assert len(a) == len(b) > 0 and all(abs(x - y) <= 1e-4 * max(1.0, abs(x)) for x, y in zip(a, b)), (stage, a, b)
+    sft_one, sft_two = arts[("sft", 0)].metrics, Registry(train).find("sft", 0).metrics
+    assert sft_two["eval_loss"] == pytest.approx(sft_one["eval_loss"], rel=1e-4)
+    rm_one, rm_two = arts[("reward_model_helpful", 1)].metrics, Registry(train).find("reward_model_helpful", 1).metrics
+    assert rm_two["n_eval"] == rm_one["n_eval"] > 0 and rm_two["accuracy"] == pytest.approx(rm_one["accuracy"], abs=1e-9)
+    assert rm_two["mean_margin"] == pytest.approx(rm_one["mean_margin"], rel=1e-3, abs=1e-4)
+
+    ev = tmp_path / "evaluate"  # the single-process inputs exactly, so that the evaluation can be compared
+    shutil.copytree(cfg_dir / "artifacts", ev / "artifacts", ignore=lambda d, names: [n for n in names if n == "evaluate"])
+    p = rlhf("stage", "evaluate", "--round", "1", *_tiny(ev, *sets), "--nproc", "2")
+    assert p.returncode == 0, _failure(p)
+    one, two = arts[("evaluate", 1)], Registry(ev).find("evaluate", 1)
+    assert two.version == one.version and two.manifest["world_size"] == 2  # it joined every rank
+    a, b = _numbers(one.metrics), _numbers(two.metrics)
+    assert a.keys() == b.keys() and len(a) > 20
+    different = {k: (a[k], b[k]) for k in a if b[k] != pytest.approx(a[k], rel=1e-3, abs=1e-4)}
+    assert not different
