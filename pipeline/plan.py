@@ -131,10 +131,22 @@ def train_step(params: int, trainable: int, activations: int, logits: int, world
     return terms
 
 
-def sampling(shape: Shape, resident_params: int, rows_tokens: int = GEN_BATCH_TOKENS, bytes_per: int = FP32) -> dict[str, int]:
-    """Sampling with `resident_params` of models (`bytes_per` bytes each) in memory and a KV cache of `rows_tokens` tokens."""
-    weights, kv = resident_params * bytes_per, kv_cache_bytes(shape, rows_tokens, bytes_per)
+def sampling(shape: Shape, resident_params: int, rows_tokens: int = GEN_BATCH_TOKENS, bytes_per: int = FP32,
+             world: int = 1) -> dict[str, int]:
+    """Sampling with `resident_params` of models (`bytes_per` bytes each) in memory and a KV cache of `rows_tokens` tokens.
+    world > 1: the models sharded over that many processes (`hardware.shard_inference`, `load_sharded`)."""
+    weights, kv = frozen_bytes(shape, resident_params, bytes_per, world), kv_cache_bytes(shape, rows_tokens, bytes_per)
     return {"weights": weights, "kv_cache": kv, "peak": weights + kv}
+
+
+def frozen_bytes(shape: Shape, params: int, bytes_per: int, world: int = 1) -> int:
+    """Memory on one device of models of `params` parameters that only run forward: whole, or with `world` > 1 sharded
+    (`pipeline.distributed.load_sharded`): a shard, the root's own weights kept gathered (embeddings, heads) and two
+    decoder blocks gathered at a time (the one computing and the next)."""
+    if world <= 1:
+        return params * bytes_per
+    root = shape.vocab * shape.hidden + shape.lm_head
+    return (params // world + root + 2 * _layer_params(shape)) * bytes_per
 
 
 @dataclass(frozen=True)
@@ -145,12 +157,20 @@ class Setup:
     world: int = 1
     gpu: bool = False
     inference_bytes: int = FP32
+    shard_inference: bool = False  # hardware.shard_inference: the models that sample and score are sharded over `world`
+    host_training: bool = False  # ... and, with FSDP2, the trained models load and unshard in host memory
 
     @classmethod
     def of(cls, cfg: RunConfig, gpus: int | None = None, nodes: int | None = None, gpu: bool = False) -> "Setup":
         world = (gpus or cfg.hardware.gpus) * (nodes or cfg.hardware.nodes)
         half = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and gpu)
-        return cls(world, gpu, 2 if half else FP32)
+        sharded = cfg.hardware.shard_inference and world > 1
+        return cls(world, gpu, 2 if half else FP32, sharded, sharded and cfg.hardware.sharding == "fsdp2")
+
+    @property
+    def inference_world(self) -> int:
+        """How many ways the models that only sample and score are split."""
+        return self.world if self.shard_inference else 1
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -183,7 +203,7 @@ def _sharded_training(shape: Shape, params: int, trainable: int, activations: in
     in several processes: the whole float32 model is loaded on each before it is sharded, and gathered whole again
     at the end (`Sharded.unshard`) while the shards still exist."""
     t = train_step(params, trainable, activations, logits, setup.world, _layer_params(shape))
-    if setup.world > 1:
+    if setup.world > 1 and not setup.host_training:  # (hardware.shard_inference: loaded and gathered in host memory)
         t["unshard"] = t["weights"] + t["gradients"] + t["optimizer"] + params * FP32
         t["peak"] = max(t["peak"], t["unshard"])
     return t
@@ -193,17 +213,28 @@ def _sft_like(name: str, shape: Shape, tc: TrainConfig, setup: Setup, scoring_pa
     tokens = tc.micro_batch_size * tc.seq_len
     terms = _sharded_training(shape, shape.params, _trainable(shape, tc.lora, shape.params),
                               activation_bytes(shape, tokens, tc.gradient_checkpointing), logits_bytes(shape, tokens), setup)
-    gen = sampling(shape, shape.params)  # the stage's policy samples in float32 (it trains next), whole on every process
+    if setup.shard_inference:  # it samples from a sharded copy in the inference dtype, freed before it trains
+        gen = sampling(shape, shape.params, bytes_per=setup.inference_bytes, world=setup.world)
+    else:  # the stage's policy samples in float32 (it trains next), whole on every process
+        gen = sampling(shape, shape.params)
     peak = max(terms["peak"], gen["peak"])
     if scoring_params:  # RS: on a GPU the policy waits on the CPU while both reward models score
-        scoring = scoring_params * setup.inference_bytes + (0 if setup.gpu else shape.params * FP32)
-        terms["reward_models"] = scoring_params * setup.inference_bytes
+        rm = frozen_bytes(shape, scoring_params, setup.inference_bytes, setup.inference_world)
+        scoring = rm + (0 if setup.gpu or setup.shard_inference else shape.params * FP32)
+        terms["reward_models"] = rm
         peak = max(peak, scoring)
     terms["kv_cache"] = gen["kv_cache"]
     terms["sampling_weights"] = gen["weights"]
-    return StagePlan(name, peak, terms, note or f"micro-batch {tc.micro_batch_size} x {tc.seq_len} tokens"
+    return StagePlan(name, peak, terms, (note or f"micro-batch {tc.micro_batch_size} x {tc.seq_len} tokens"
                      + (", LoRA" if tc.lora.enabled else ", full fine-tuning") + (", gradient checkpointing" if tc.gradient_checkpointing else "")
-                     + (f", sharded over {setup.world} processes" if setup.world > 1 else ""))
+                     + (f", sharded over {setup.world} processes" if setup.world > 1 else "")) + _sharded_note(setup))
+
+
+def _sharded_note(setup: Setup) -> str:
+    if not setup.shard_inference:
+        return ""
+    return "; samples and scores with models sharded over the processes" + (
+        ", loads and gathers the trained model in host memory" if setup.host_training else "")
 
 
 def _reward_model(name: str, shape: Shape, rc, setup: Setup) -> StagePlan:
@@ -213,7 +244,7 @@ def _reward_model(name: str, shape: Shape, rc, setup: Setup) -> StagePlan:
     terms = _sharded_training(shape, p, trainable, activation_bytes(shape, tokens, rc.gradient_checkpointing), 0, setup)
     return StagePlan(name, terms["peak"], terms, f"micro-batch {rc.micro_batch_size} pairs x {rc.max_length} tokens, "
                      + ("LoRA" if rc.lora.enabled else "full fine-tuning") + (", gradient checkpointing" if rc.gradient_checkpointing else "")
-                     + (f", sharded over {setup.world} processes" if setup.world > 1 else ""))
+                     + (f", sharded over {setup.world} processes" if setup.world > 1 else "") + _sharded_note(setup))
 
 
 def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None, setup: Setup | None = None) -> list[StagePlan]:
@@ -227,12 +258,16 @@ def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None, s
         tokens = d.pretrain_batch_size * d.pretrain_seq_len
         t = train_step(shape.params, shape.params, activation_bytes(shape, tokens), logits_bytes(shape, tokens))
         plans.append(StagePlan("pretrained", t["peak"], t, f"demo pretraining, batch {d.pretrain_batch_size} x {d.pretrain_seq_len}"))
+    elif setup.gpu:  # `pretrained` loads and saves on the CPU (policies/pretrained.py): no GPU memory
+        plans.append(StagePlan("pretrained", 0, {"host_memory": shape.params * FP32}, "load and register, in host memory"))
     else:
         plans.append(StagePlan("pretrained", shape.params * FP32, {"weights": shape.params * FP32}, "load and register"))
     plans.append(_sft_like("sft", shape, cfg.sft, setup))
     cp = cfg.collect_preferences
-    plans.append(StagePlan("collect_preferences", **_peak(sampling(shape, shape.params * (2 if cp.base_responses else 1), bytes_per=ib)),
-                           note="policy" + (" and the pretrained model" if cp.base_responses else "") + " resident"))
+    plans.append(StagePlan("collect_preferences", **_peak(sampling(shape, shape.params * (2 if cp.base_responses else 1), bytes_per=ib,
+                                                                   world=setup.inference_world)),
+                           note="policy" + (" and the pretrained model" if cp.base_responses else "") + " resident"
+                           + (f", sharded over {setup.world} processes" if setup.shard_inference else "")))
     plans.append(_reward_model("reward_model_helpful", shape, cfg.reward_model_helpful, setup))
     plans.append(_reward_model("reward_model_safety", shape, cfg.reward_model_safety, setup))
     judge = "judge_reward_model" in round_stages(cfg, 1)
@@ -243,10 +278,12 @@ def stage_plans(cfg: RunConfig, shape: Shape, stages: list[str] | None = None, s
                            + (f" (sharded over {setup.world} processes)" if setup.world > 1 else "")))
     plans.append(_ppo(cfg, shape, rms, setup))
     plans.append(_sft_like("ghost_attention", shape, cfg.ghost_attention, setup))
-    ev = sampling(shape, 3 * shape.params + rms, bytes_per=ib)  # the held-out judge RM loads after both RMs are freed
-    plans.append(StagePlan("evaluate", ev["peak"], {**ev, "reward_models": rms * ib},
+    # the held-out judge RM loads after both RMs are freed
+    ev = sampling(shape, 3 * shape.params + rms, bytes_per=ib, world=setup.inference_world)
+    plans.append(StagePlan("evaluate", ev["peak"], {**ev, "reward_models": frozen_bytes(shape, rms, ib, setup.inference_world)},
                            "policy, previous policy, SFT and both reward models resident"
-                           + ("; the judge RM replaces the two once they are freed" if judge else "")))
+                           + ("; the judge RM replaces the two once they are freed" if judge else "")
+                           + (f"; every model sharded over {setup.world} processes" if setup.shard_inference else "")))
     return [p for p in plans if stages is None or p.stage in stages]
 
 
@@ -263,13 +300,15 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     trainable = _trainable(shape, pc.lora, shape.params) + shape.hidden + 1  # + value head
     reference = 0 if pc.lora.enabled else shape.params  # LoRA: the reference is the base with adapters off
     tokens = micro * seq
-    rm_bytes = rms * setup.inference_bytes
+    rm_bytes = frozen_bytes(shape, rms, setup.inference_bytes, setup.inference_world)
     sharded = pc.shard_policy and setup.world > 1
+    whole_to_sample = sharded and not setup.shard_inference  # with it, the blocks are gathered one at a time to sample
     activations = activation_bytes(shape, tokens, pc.gradient_checkpointing)
     logits = logits_bytes(shape, micro * pc.max_new_tokens)
     if sharded:  # the frozen reference is sharded too
         reference //= setup.world
         t = _sharded_training(shape, shape.params, trainable, activations, logits, setup)
+        t.pop("unshard", None)  # PPO gathers its policy at the end a tensor at a time into host memory when shard_inference
         t["peak"] += (reference * FP32) + rm_bytes
         policy_weights = t["weights"]  # its shard, between rollouts
     else:
@@ -279,18 +318,22 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     rollout_logits = (pc.micro_batch_size or pc.batch_size) * pc.max_new_tokens * shape.vocab * FP32  # no-grad log-probs, a piece at a time
     kv = kv_cache_bytes(shape, GEN_BATCH_TOKENS)
     resident = policy_weights + reference * FP32 + rm_bytes
-    # sampling: the whole policy on every process (a sharded one is gathered whole for the rollouts)
-    sample = resident + (shape.params * FP32 if sharded else 0) + kv
+    # sampling: the whole policy on every process (a sharded one is gathered whole for the rollouts, or with
+    # hardware.shard_inference its root's weights and a block at a time)
+    gathered = shape.params * FP32 if whole_to_sample else (frozen_bytes(shape, 0, FP32, setup.world) if sharded else 0)
+    sample = resident + gathered + kv
     peak = max(t["peak"], resident + rollout_logits + (2 * _layer_params(shape) * FP32 if sharded else 0), sample)
     terms = {**t, "reference": reference * FP32, "reward_models": rm_bytes, "rollout_logits": rollout_logits, "kv_cache": kv}
     if sharded:
-        terms["sampling_weights"] = shape.params * FP32
+        terms["sampling_weights"] = gathered
     return StagePlan("ppo", peak, terms, f"micro-batch {micro} x {seq} tokens, "
                      + ("LoRA (reference = adapters off)" if pc.lora.enabled else "full fine-tuning with a frozen reference copy")
                      + (", gradient checkpointing" if pc.gradient_checkpointing else "")
                      + f"; log-probs of {pc.micro_batch_size or pc.batch_size} rollouts at once; "
-                     + (f"policy sharded over {setup.world} processes, gathered whole to sample" if sharded
-                        else "replicated in every process (not sharded)"))
+                     + (f"policy sharded over {setup.world} processes, gathered whole to sample" if whole_to_sample
+                        else f"policy sharded over {setup.world} processes, sampled a block at a time" if sharded
+                        else "replicated in every process (not sharded)")
+                     + ("; reward models sharded" if setup.shard_inference else ""))
 
 
 # ---------------------------------------------------------------------------------------- budget and fixes

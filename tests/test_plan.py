@@ -204,11 +204,26 @@ def test_sharding_ppo_policy_divides_its_training_state_and_adds_the_gather_to_s
     assert sharded.peak_bytes < replicated.peak_bytes - 50 * GiB
 
 
-def test_70b_preset_is_refused_naming_the_unsharded_sampling():
-    out = CliRunner().invoke(app, ["plan", "--config", "llama2-70b"])
-    assert out.exit_code == 1
-    assert "64 processes" in out.output and "whole float32 policy on every GPU" in out.output
+def test_70b_preset_fits_8_nodes_with_every_model_sharded_and_not_without():
+    """llama2-70b on 8 x 8 x 80 GB: with hardware.shard_inference every stage fits (models that sample and score are
+    sharded 64 ways, the trained ones load and gather in host memory); without it the sampling stages are refused,
+    naming the whole policy every GPU would hold."""
+    out = CliRunner().invoke(app, ["plan", "--config", "llama2-70b", "--json"])
+    assert out.exit_code == 0, out.output
+    js = json.loads(out.output)
+    assert all(s["fits"] for s in js["stages"]) and "64 processes" in js["device"]
     cfg = load_config("llama2-70b", check_device=False)
     assert cfg.reward_model_helpful.learning_rate == 5e-6 and cfg.ppo.beta == 0.005  # the paper's 70B numbers
-    plans = {p.stage: p for p in make_plan(cfg, model_shape(cfg), 80)[0]}
+    shape = model_shape(cfg)
+    plans = {p.stage: p for p in make_plan(cfg, shape, 80)[0]}
     assert plans["sft"].terms["weights"] == pytest.approx(68_976_648_192 * 4 / 64, rel=1e-6)  # training state sharded 64 ways
+    assert "unshard" not in plans["sft"].terms and plans["pretrained"].peak_bytes == 0  # host memory, not a GPU's
+    # the policy collect_preferences samples from, in bf16: a 64th, plus the root (embeddings, head) and two blocks gathered
+    root, block = shape.vocab * shape.hidden * 2, (shape.params - shape.vocab * shape.hidden * 2) // shape.layers
+    assert plans["collect_preferences"].terms["weights"] == (shape.params // 64 + root + 2 * block) * 2
+    assert plans["ppo"].terms["sampling_weights"] == (root + 2 * block) * 4  # never the whole float32 policy
+    whole = load_config("llama2-70b", ["hardware.shard_inference=false"], check_device=False)
+    out = CliRunner().invoke(app, ["plan", "--config", "llama2-70b", "--set", "hardware.shard_inference=false"])
+    assert out.exit_code == 1 and "whole float32 policy on every GPU" in out.output
+    refused = {p.stage for p in make_plan(whole, shape, 80)[0] if not p.fits}
+    assert {"collect_preferences", "rejection_sampling", "ppo", "evaluate", "sft"} <= refused
