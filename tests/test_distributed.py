@@ -277,7 +277,7 @@ def test_sampling_and_scoring_with_models_sharded_over_two_processes_equal_whole
                        env={**os.environ, "PYTHONPATH": str(root)})
     assert p.returncode == 0, _failure(p)
     r = json.loads(out.read_text())
-    assert r["local_params"] < 0.6 * r["whole_params"]  # each rank holds about half
+    assert r["whole_params"] > 0 and r["local_params"] <= 0.5 * r["whole_params"] + 64  # each rank holds half of every block
     for name in ("sampled", "greedy"):
         sharded, whole = r[name]["sharded"], r[name]["whole"]
         assert len(sharded) == 11 and all(len(s) == 3 for s in sharded)

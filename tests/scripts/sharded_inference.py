@@ -26,8 +26,10 @@ def main(policy_dir: str, rm_dir: str, out: str) -> None:
     whole, _ = load_policy(policy_dir, "cpu")
     # prompts of many lengths, an odd count: the ranks get different numbers of prompts, batches and decode steps
     prompts = [[tok.bos_token_id] + [5 + (i * 7 + j) % 200 for j in range(2 + (i * 5) % 23)] for i in range(11)]
-    result = {"local_params": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in engine.model.parameters()),
-              "whole_params": sum(p.numel() for p in whole.parameters())}
+    # the decoder blocks' weights held by this rank (the root's own, embeddings and head, stay gathered)
+    result = {"local_params": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                  for n, p in engine.model.named_parameters() if ".layers." in n),
+              "whole_params": sum(p.numel() for n, p in whole.named_parameters() if ".layers." in n)}
     for name, params in {"sampled": SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=stop_token_ids(tok), seed=7),
                          "greedy": SamplingParams(max_new_tokens=9, temperature=0.0, seed=7)}.items():
         sharded = generate(engine, prompts, params, n=3)
