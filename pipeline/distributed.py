@@ -266,14 +266,21 @@ class Sharded:
             return
         if engine not in ("fsdp2", "deepspeed"):
             raise ValueError(f"hardware.sharding must be 'fsdp2' or 'deepspeed', got {engine!r}")
-        shard = compile_layers(copy.deepcopy(model), compile)  # compiled before sharding: the hooks stay outside the graph
-        # non-persistent buffers (rotary frequencies) are in no state dict: keep them for `unshard`
-        self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        model.to("meta")  # the shell: same modules and names, no storage
-        if engine == "fsdp2":
-            self.module = _fully_shard(shard)
+        if engine == "fsdp2":  # rank 0's weights, a tensor at a time: the other ranks may hold `model` on meta (`load_device`)
+            main = self.world.is_main
+            state = model.state_dict() if main else {}  # rank 0's tensors, referenced, not copied
+            buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if main else None
+            model.to("meta")  # the shell: same modules and names, no storage
+            shard = compile_layers(_retie(copy.deepcopy(model)), compile)  # compiled before sharding: hooks stay outside
+            self.module = _shard_from_main(shard, state, buffers, device)
+            del state, buffers
+            # non-persistent buffers (rotary frequencies) are in no state dict: keep them for `unshard`
+            self._buffers = {n: b.detach().to("cpu", copy=True) for n, b in shard.named_buffers()}
             self.optimizer = make_optimizer(shard)
             return
+        shard = compile_layers(copy.deepcopy(model), compile)
+        self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        model.to("meta")
         self.optimizer = make_optimizer(shard)  # the torch optimiser DeepSpeed wraps: the scheduler sets its lr
         self.module = _deepspeed_engine(shard, self.optimizer, device, micro_batches, max_grad_norm, self.world)
 
@@ -411,9 +418,17 @@ class Sharded:
 
             # gathered a tensor at a time into host memory, on every rank (in the same order: each gather is a collective),
             # so that the device holds one whole copy (`plain`), not two. (cpu_offload=True would leave ranks > 0 empty.)
-            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu", copy=True)
-                    for k, v in get_model_state_dict(self.module).items()}
+            # A rank asked for "meta" joins every gather and keeps nothing.
+            full = {}
+            for k, v in get_model_state_dict(self.module).items():
+                whole = v.full_tensor() if hasattr(v, "full_tensor") else v
+                if device != "meta":
+                    full[k] = whole.detach().to("cpu", copy=True)
+                del whole
         training = self.module.training
+        if device == "meta":  # the trained model lives on rank 0 (host memory); this rank's stays an empty shell
+            del self.module
+            return self.plain.train(training)
         self.plain.to_empty(device=device)
         self.plain.load_state_dict(full, strict=True)
         with torch.no_grad():
@@ -453,10 +468,13 @@ def _fully_shard(module):
 
 
 def load_device(cfg, device: str) -> str:
-    """Where a stage that trains loads its model, and gets it back after training: host memory when the model is too
-    big for one device (`hardware.shard_inference` in several processes, FSDP2: `fully_shard` moves each rank's shard
-    to the device, so no device holds the whole model), else the device."""
-    return "cpu" if big_model(cfg) else device
+    """Where a stage that trains loads its model, and gets it back after training: the device; or, when the model is too
+    big for one device (`hardware.shard_inference` in several processes, FSDP2), rank 0's host memory and, on the other
+    ranks, the meta device (the modules without weights): `Sharded` gives each rank its shard of rank 0's weights, and
+    `unshard` gathers the trained ones into rank 0's host memory alone. Host memory: one copy, rank 0's."""
+    if not big_model(cfg):
+        return device
+    return "cpu" if world().is_main else "meta"
 
 
 def big_model(cfg) -> bool:
@@ -476,9 +494,6 @@ def load_sharded(load, device: str, wrap=None):
     wrap = wrap or (lambda m: m)
     if not world().distributed:
         return wrap(load()).to(device).eval()
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     w = world()
     model = load() if w.is_main else None
     cls, config = from_main((type(model), model.config) if w.is_main else None)
@@ -486,14 +501,10 @@ def load_sharded(load, device: str, wrap=None):
         with torch.device("meta"):
             model = cls._from_config(config, dtype=config.dtype)
     model = wrap(model)
-    full = model.state_dict() if w.is_main else {}
-    _fully_shard(model)  # rank 0's shards move to `device`; the meta ranks' get storage next
-    if not w.is_main:
-        model.to_empty(device=device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    for buf in model.buffers():  # the buffers no state dict holds (rotary frequencies): rank 0's
-        dist.broadcast(buf.data, src=0)
+    state = model.state_dict() if w.is_main else {}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if w.is_main else None
+    _shard_from_main(_retie(model.to("meta")), state, buffers, device)
+    del state, buffers
     # the root's own weights (embeddings, final norm, heads: small) stay gathered, so that submodules can be called
     # directly (a reward model's trunk, the chunked log-probs of `evaluate`'s KL): each block gathers itself
     model._get_fsdp_state()._lazy_init()  # (private API, torch 2.13) FSDP2 initialises at the root's first call
@@ -502,12 +513,46 @@ def load_sharded(load, device: str, wrap=None):
     return model.eval()
 
 
+def _retie(module):
+    """`module` with its transformers models' tied weights (embeddings and LM head) one parameter again: moving a model
+    to the meta device unties them."""
+    from transformers import PreTrainedModel
+
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            m.tie_weights()
+    return module
+
+
+def _shard_from_main(module, state: dict, buffers: dict | None, device: str):
+    """`module`, on the meta device on every rank, FSDP2-sharded in place and filled with rank 0's weights: `state` (rank
+    0's full state dict, {} elsewhere) is broadcast a tensor at a time and each rank keeps its shard (torch's
+    `set_model_state_dict` with `broadcast_from_rank0`); so are the buffers no state dict holds (`buffers`: rank 0's,
+    None elsewhere). No host but rank 0's, and no device, ever holds the whole model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    _fully_shard(module)
+    module.to_empty(device=device)
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if buffers is not None:
+                buf.copy_(buffers[name])
+            dist.broadcast(buf.data, src=0)
+    return module
+
+
 def shard_frozen(module, device: str):
     """`module` (a model that only runs forward, as PPO's frozen reference) sharded with FSDP2 over the ranks: each
     decoder block and the root, gathered a block at a time in its forward; unchanged in one process. Call the root."""
     if not world().distributed:
         return module
-    _fully_shard(module)  # `fully_shard` moves each rank's shard to the device (a big model waits in host memory)
+    main = world().is_main
+    state = module.state_dict() if main else {}
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()} if main else None
+    _shard_from_main(_retie(module.to("meta")), state, buffers, device)  # rank 0's weights (ranks > 0 may hold a meta copy)
+    del state, buffers
     # FSDP2 keeps a root's weights gathered after its forward, for the backward that follows; this one has none
     module._get_fsdp_state()._lazy_init()  # (private API, torch 2.13: the root is special-cased at initialisation)
     module.set_reshard_after_forward(True, recurse=False)

@@ -127,10 +127,29 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32", q
     if quantize_4bit:
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qlora_quantization(device),
                                                      dtype=_torch_dtype("bfloat16"), use_safetensors=True, device_map={"": 0})
+    elif device == "meta":  # a rank that holds no weights (`pipeline.distributed.load_device`): the modules alone
+        model = on_meta(AutoModelForCausalLM, path, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_torch_dtype(dtype), use_safetensors=True).to(device)
     tok = AutoTokenizer.from_pretrained(str(path))
     return model, tok
+
+
+def on_meta(auto_class, path, dtype: str, **config_kwargs):
+    """The model of the checkpoint folder at `path` built on the meta device from its config: modules, names and shapes,
+    no weights read and no memory held (ranks other than 0 of a model too big for one device receive their shards of
+    rank 0's weights, `pipeline.distributed.Sharded`)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), **config_kwargs)
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=_torch_dtype(dtype))
+
+
+def holds_weights(model) -> bool:
+    """False for a model on the meta device (a rank whose trained model lives on rank 0, `Sharded.unshard`)."""
+    return not any(p.is_meta for p in model.parameters())
 
 
 def qlora_quantization(device: str):
@@ -170,7 +189,11 @@ def is_quantized(model) -> bool:
 
 def save_policy(model, tokenizer, out_dir: str | Path, dtype: str | None = None) -> None:
     """Weights as safetensors (cast to `dtype` when given: the model in memory is left as it is) plus the tokenizer
-    (with its chat template)."""
+    (with its chat template). A model on the meta device has no weights to write (a rank other than 0 of a model too
+    big for one device: rank 0 saves it): only the tokenizer is written."""
+    if not holds_weights(model):
+        tokenizer.save_pretrained(str(out_dir))
+        return
     if dtype is None or getattr(model, "dtype", None) == _torch_dtype(dtype):
         model.save_pretrained(str(out_dir), safe_serialization=True)
     else:

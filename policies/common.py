@@ -73,6 +73,20 @@ def policy_sampler(ctx: StageContext, section, path):
     return engine_for(section, model, path), tok
 
 
+def trained_sampler(ctx: StageContext, model):
+    """What a stage samples with from the model it has just trained and saved in its output folder: the model itself;
+    or, when it is too big for one device (`pipeline.distributed.big_model`: rank 0 holds it in host memory, the other
+    ranks nothing), a copy read back from rank 0's folder, sharded over the ranks, every rank sampling the same prompts
+    in lockstep (the outputs of one process)."""
+    from pipeline.distributed import big_model, from_main
+
+    if not big_model(ctx.config):
+        return model
+    from .generation import ShardedBackend
+
+    return ShardedBackend.load(from_main(str(ctx.out_dir)), ctx.device, ctx.inference_dtype, split=False)[0]
+
+
 def sample_replies(model, tok, dialogues: Sequence[Sequence[dict]], n: int, max_new_tokens: int, temperature: float, seed: int,
                    top_p: float = 1.0, progress=None, max_batch_tokens: int = 16384) -> list[list[str]]:
     """n replies per dialogue (lists of {"role", "content"}), through the one generation interface: `model` is a

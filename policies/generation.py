@@ -293,7 +293,7 @@ class ShardedBackend:
         self.model, self.pad_token_id, self.max_batch_tokens, self.split = model, pad_token_id, max_batch_tokens, split
 
     @classmethod
-    def load(cls, path, device: str, dtype: str = "float32", max_batch_tokens: int = 16384):
+    def load(cls, path, device: str, dtype: str = "float32", max_batch_tokens: int = 16384, split: bool = True):
         """(engine, tokenizer) of the policy folder at `path`."""
         from transformers import AutoTokenizer
 
@@ -302,7 +302,7 @@ class ShardedBackend:
 
         model = load_sharded(lambda: load_policy(path, "cpu", dtype=dtype)[0], device)
         tok = AutoTokenizer.from_pretrained(str(path))
-        return cls(model, tok.pad_token_id, max_batch_tokens), tok
+        return cls(model, tok.pad_token_id, max_batch_tokens, split), tok
 
     def to(self, device):  # the stages move a sampler aside while reward models score; a sharded one stays
         return self

@@ -29,7 +29,7 @@ from pipeline.models import save_policy
 
 from data_specs.schemas import GattInstruction
 
-from .common import demo_oracle, load_data, policy_sampler, sample_replies, sharded_inference
+from .common import demo_oracle, load_data, policy_sampler, sample_replies, sharded_inference, trained_sampler
 from .generation import engine_for
 from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
@@ -209,7 +209,8 @@ def run(ctx: StageContext) -> dict:
     model = merge_lora(model).eval()
     save_policy(model, tok, ctx.out_dir, dtype=ctx.artifact_dtype)
 
-    after, after_unseen = adherence(model, pool, "after"), adherence(model, eval_pool, "after, unseen values")
+    trained = trained_sampler(ctx, model) if checker else model  # too big for one device: a sharded copy of the saved one
+    after, after_unseen = adherence(trained, pool, "after"), adherence(trained, eval_pool, "after, unseen values")
     metrics = {
         "n_dialogues": len(dialogs),
         "n_trained": len(kept),

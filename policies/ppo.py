@@ -35,7 +35,7 @@ from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
 from pipeline.distributed import Sharded, all_sum, check_divisible, gather, load_device, shard_frozen, share
 from pipeline.io import write_json
-from pipeline.models import load_policy, save_policy, unwrap_peft
+from pipeline.models import holds_weights, load_policy, save_policy, unwrap_peft
 
 from data_specs.schemas import messages_to_dicts
 
@@ -63,6 +63,8 @@ def save_value_head(head: ValueHead, out_dir) -> None:
     """The value head as safetensors, like every other weight in an artifact (never a pickle)."""
     from safetensors.torch import save_file
 
+    if not holds_weights(head):  # a rank other than 0 of a model too big for one device: rank 0 saves it
+        return
     save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
 
 

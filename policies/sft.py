@@ -15,7 +15,7 @@ from pipeline.models import save_policy
 
 from data_specs.schemas import messages_to_dicts
 
-from .common import demo_oracle, dialogues, gold_report, load_data, sample_replies, subsample
+from .common import demo_oracle, dialogues, gold_report, load_data, sample_replies, subsample, trained_sampler
 from .trainer import apply_lora, load_trainable, merge_lora, pack_examples, train_causal_lm
 
 
@@ -51,6 +51,7 @@ def gold_metrics(ctx: StageContext, model, tok, n: int | None = None) -> dict:
     oracle = demo_oracle(ctx)
     if oracle is None:
         return {}
+    model = trained_sampler(ctx, model)  # a model too big for one device: a sharded copy of the saved one
     ev = ctx.config.evaluate
     prompts = subsample(load_data(ctx, "eval_prompts.jsonl", "prompt"), n or ev.n_prompts, ctx.config.seed)
     replies = [r[0] for r in sample_replies(model, tok, dialogues(prompts), 1, ev.max_new_tokens, ev.temperature, ctx.config.seed)]

@@ -16,8 +16,13 @@ def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float
     regression head is added; from a reward-model checkpoint everything is loaded."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
-                                                               dtype=getattr(torch, dtype))
+    from pipeline.models import on_meta
+
+    if device == "meta":  # a rank that holds no weights (`pipeline.distributed.load_device`): the modules alone
+        model = on_meta(AutoModelForSequenceClassification, path, dtype, num_labels=1)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
+                                                                   dtype=getattr(torch, dtype))
     tok = AutoTokenizer.from_pretrained(str(path))
     model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
