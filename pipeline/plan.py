@@ -159,13 +159,15 @@ class Setup:
     inference_bytes: int = FP32
     shard_inference: bool = False  # hardware.shard_inference: the models that sample and score are sharded over `world`
     host_training: bool = False  # ... and, with FSDP2, the trained models load and unshard in host memory
+    deepspeed: bool = False  # hardware.sharding=deepspeed: it moves the whole model to each device before partitioning it
 
     @classmethod
     def of(cls, cfg: RunConfig, gpus: int | None = None, nodes: int | None = None, gpu: bool = False) -> "Setup":
         world = (gpus or cfg.hardware.gpus) * (nodes or cfg.hardware.nodes)
         half = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and gpu)
         sharded = cfg.hardware.shard_inference and world > 1
-        return cls(world, gpu, 2 if half else FP32, sharded, sharded and cfg.hardware.sharding == "fsdp2")
+        ds = cfg.hardware.sharding == "deepspeed" and world > 1
+        return cls(world, gpu, 2 if half else FP32, sharded, sharded and not ds, ds)
 
     @property
     def inference_world(self) -> int:
@@ -206,6 +208,9 @@ def _sharded_training(shape: Shape, params: int, trainable: int, activations: in
     if setup.world > 1 and not setup.host_training:  # (hardware.shard_inference: loaded and gathered in host memory)
         t["unshard"] = t["weights"] + t["gradients"] + t["optimizer"] + params * FP32
         t["peak"] = max(t["peak"], t["unshard"])
+    if setup.deepspeed:  # `deepspeed.initialize` moves the module whole to the device, then partitions it
+        t["load"] = params * FP32
+        t["peak"] = max(t["peak"], t["load"])
     return t
 
 
@@ -379,9 +384,11 @@ def fix_for(plan: StagePlan, cfg: RunConfig, budget: float) -> str:
         if plan.stage in STAGES and STAGES[plan.stage].distributed:
             hints.append("shard over more GPUs (--gpus N / hardware.gpus, --nodes M / hardware.nodes: weights, gradients and Adam "
                          "moments are split N x M ways)")
+    if t.get("load", 0) > budget:
+        hints.append("DeepSpeed moves the whole float32 model to each GPU before it partitions it: use --set hardware.sharding=fsdp2")
     if t.get("sampling_weights", 0) + t.get("kv_cache", 0) > budget or t.get("unshard", 0) > budget:
-        hints.append("this stage samples with (or gathers) the whole float32 policy on every GPU, which sharding does not reduce: "
-                     "use GPUs with more memory")
+        hints.append("this stage samples with (or gathers) the whole float32 policy on every GPU: shard the models that sample "
+                     "and score too (--set hardware.shard_inference=true, with FSDP2), or use GPUs with more memory")
     if sec is not None and plan.peak_bytes - static > 0.25 * budget:
         if hasattr(sec, "gradient_checkpointing") and not sec.gradient_checkpointing:
             hints.append(f"turn on gradient checkpointing (--set {plan.stage}.gradient_checkpointing=true)")

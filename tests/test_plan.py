@@ -227,3 +227,7 @@ def test_70b_preset_fits_8_nodes_with_every_model_sharded_and_not_without():
     assert out.exit_code == 1 and "whole float32 policy on every GPU" in out.output
     refused = {p.stage for p in make_plan(whole, shape, 80)[0] if not p.fits}
     assert {"collect_preferences", "rejection_sampling", "ppo", "evaluate", "sft"} <= refused
+    # DeepSpeed moves the whole model to each GPU before it partitions it: planned, and the fix names FSDP2
+    ds = {p.stage: p for p in make_plan(load_config("llama2-70b", ["hardware.sharding=deepspeed"], check_device=False), shape, 80)[0]}
+    assert ds["sft"].terms["load"] == shape.params * 4 and not ds["sft"].fits and "hardware.sharding=fsdp2" in ds["sft"].fix
+    assert "load" not in plans["sft"].terms
