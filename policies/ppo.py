@@ -247,7 +247,7 @@ def score_rollouts(scorer, dialogues, texts, is_safety) -> "Scores":
     from reward_models.combine import whiten
     from reward_models.scoring import Scores
 
-    mine = scorer.score(share(dialogues), share(texts), share(is_safety), whiten=False)
+    mine = scorer.score(share(dialogues), share(texts), share(is_safety), whiten=False, own=True)
     cols = {k: torch.tensor(gather(getattr(mine, k).tolist()), dtype=torch.float32)
             for k in ("r_helpful", "r_safety", "gated", "gated_logit")}
     z = cols["gated_logit"]

@@ -63,17 +63,23 @@ class RewardScorer:
         return cls(ctx.input("reward_model_helpful").path, ctx.input("reward_model_safety").path, ctx.device, threshold, max_len,
                    getattr(ctx, "inference_dtype", "float32"), sharded=ctx.config.hardware.shard_inference)
 
-    def _raw(self, model, tok, prompts, responses) -> torch.Tensor:
+    def _raw(self, model, tok, prompts, responses, own: bool) -> torch.Tensor:
         if not self.sharded:
             return score(model, tok, prompts, responses, self.max_length, self.device).float()
+        if own:  # this rank's own items: scored here, in step with the other ranks' calls
+            return score(model, tok, prompts, responses, self.max_length, self.device, lockstep=True).float()
         from pipeline.distributed import gather, share
 
         mine = score(model, tok, share(prompts), share(responses), self.max_length, self.device, lockstep=True)
         return torch.tensor(gather(mine.tolist()), dtype=torch.float32)
 
-    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True) -> Scores:
-        zh = self._raw(self.helpful, self.tok_h, prompts, responses)
-        zs = self._raw(self.safety, self.tok_s, prompts, responses)
+    def score(self, prompts: Sequence[Sequence[dict]], responses: Sequence[str], is_safety: Sequence[bool], whiten: bool = True,
+              own: bool = False) -> Scores:
+        """Scores of the responses. Sharded, every rank calls this: by default with the same items (they are split over
+        the ranks and every rank gets all the scores back); with `own`, each with items of its own (PPO's share of a
+        rollout batch), scored where they are. Unsharded, `own` changes nothing."""
+        zh = self._raw(self.helpful, self.tok_h, prompts, responses, own)
+        zs = self._raw(self.safety, self.tok_s, prompts, responses, own)
         rh, rs = torch.sigmoid(zh), torch.sigmoid(zs)
         flags = torch.tensor(list(is_safety), dtype=torch.bool)
         return Scores(rh, rs, gate_reward(rs, rh, flags, self.threshold),

@@ -163,15 +163,23 @@ def test_ppo_with_its_policy_sharded_equals_replicated(two_process_run, tmp_path
     assert p.returncode != 0 and "ppo.mini_batch_size=3 does not split over 2 processes" in p.stdout + p.stderr
     p = rlhf("stage", "ppo", "--round", "1", *_tiny(run, "ppo.shard_policy=true"), "--nproc", "2")
     assert p.returncode == 0, _failure(p)
-    replicated, sharded = Registry(run0).find("ppo", 1), Registry(run).find("ppo", 1)
-    assert sharded.manifest["world_size"] == 2 and sharded.metrics["stop_reason"] == replicated.metrics["stop_reason"]
-    assert (sharded.metrics["sharding"], replicated.metrics["sharding"]) == ("fsdp2", "replicated")
-    rows = [[json.loads(line) for line in a.file("metrics.jsonl").read_text().splitlines() if "reward" in line] for a in (replicated, sharded)]
-    assert len(rows[0]) == len(rows[1]) > 1
-    for a, b in zip(*rows):
-        assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], rel=1e-5), (a, b)
-        for k in ("policy_loss", "value_loss", "kl", "approx_kl"):
-            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), (k, a, b)
+    # and with hardware.shard_inference: the policy loaded by rank 0 alone, sampled a block at a time in lockstep
+    # (never gathered whole), the reward models sharded too
+    big = tmp_path / "big"
+    shutil.copytree(run0 / "artifacts", big / "artifacts", ignore=lambda d, names: [n for n in names if n in ("ppo", "ghost_attention", "evaluate")])
+    p = rlhf("stage", "ppo", "--round", "1", *_tiny(big, "ppo.shard_policy=true", "hardware.shard_inference=true"), "--nproc", "2")
+    assert p.returncode == 0, _failure(p)
+    replicated = Registry(run0).find("ppo", 1)
+    for sharded in (Registry(run).find("ppo", 1), Registry(big).find("ppo", 1)):
+        assert sharded.manifest["world_size"] == 2 and sharded.metrics["stop_reason"] == replicated.metrics["stop_reason"]
+        assert (sharded.metrics["sharding"], replicated.metrics["sharding"]) == ("fsdp2", "replicated")
+        rows = [[json.loads(line) for line in a.file("metrics.jsonl").read_text().splitlines() if "reward" in line]
+                for a in (replicated, sharded)]
+        assert len(rows[0]) == len(rows[1]) > 1
+        for a, b in zip(*rows):
+            assert a["response_length"] == b["response_length"] and a["reward"] == pytest.approx(b["reward"], rel=1e-5), (a, b)
+            for k in ("policy_loss", "value_loss", "kl", "approx_kl"):
+                assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), (k, a, b)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
