@@ -12,6 +12,7 @@ The step is the stage's own (packed rows of `pack_examples`, `collate`, `token_l
 * `fused`: AdamW with `fused=True`;
 * `compile`: each decoder block compiled (`sft.compile`, `pipeline.distributed.compile_layers`);
 * `compile_fused`: both;
+* `compile_flex`: compiled blocks and flex attention (not yet measured: the next GPU session's first check);
 * `flex`: attention by `flex_attention` (a block-sparse kernel: blocks wholly outside every packed example are skipped);
 * `nopack`: SDPA with a plain causal mask (positions not passed): NOT the stage's maths, an upper bound on what
   the packed mask costs;
@@ -57,7 +58,7 @@ def run_variant(name: str, args, cfg_kwargs: dict, profile: bool) -> dict:
     dev = args.device
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**cfg_kwargs, attn_implementation="sdpa")).to(dev)
-    if name == "flex":
+    if name in ("flex", "compile_flex"):
         model.set_attn_implementation("flex_attention")
     if name == "bf16w":
         model.to(torch.bfloat16)
@@ -127,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variants", nargs="+", default=["base", "compile", "compile_fused", "fused", "nopack", "bf16w", "flex"])
+    ap.add_argument("--variants", nargs="+", default=["base", "compile", "compile_flex", "compile_fused", "fused", "nopack", "bf16w", "flex"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)

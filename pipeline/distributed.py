@@ -254,7 +254,6 @@ class Sharded:
         self.world = world()
         self.plain = model
         self.max_grad_norm = max_grad_norm
-        self.compiled = compile
         self.engine = engine if self.world.distributed else "single"
         from .models import is_quantized
 
@@ -267,11 +266,8 @@ class Sharded:
         if engine not in ("fsdp2", "deepspeed"):
             raise ValueError(f"hardware.sharding must be 'fsdp2' or 'deepspeed', got {engine!r}")
         if engine == "fsdp2":  # rank 0's weights, a tensor at a time: the other ranks may hold `model` on meta (`load_device`)
-            main = self.world.is_main
-            state = model.state_dict() if main else {}  # rank 0's tensors, referenced, not copied
-            buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if main else None
-            model.to("meta")  # the shell: same modules and names, no storage
-            shard = compile_layers(_retie(copy.deepcopy(model)), compile)  # compiled before sharding: hooks stay outside
+            state, buffers = _take_weights(model)  # `model` is now the shell: same modules and names, no storage
+            shard = compile_layers(copy.deepcopy(model), compile)  # compiled before sharding: the hooks stay outside
             self.module = _shard_from_main(shard, state, buffers, device)
             del state, buffers
             # non-persistent buffers (rotary frequencies) are in no state dict: keep them for `unshard`
@@ -501,10 +497,7 @@ def load_sharded(load, device: str, wrap=None):
         with torch.device("meta"):
             model = cls._from_config(config, dtype=config.dtype)
     model = wrap(model)
-    state = model.state_dict() if w.is_main else {}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if w.is_main else None
-    _shard_from_main(_retie(model.to("meta")), state, buffers, device)
-    del state, buffers
+    _shard_from_main(model, *_take_weights(model), device)
     # the root's own weights (embeddings, final norm, heads: small) stay gathered, so that submodules can be called
     # directly (a reward model's trunk, the chunked log-probs of `evaluate`'s KL): each block gathers itself
     model._get_fsdp_state()._lazy_init()  # (private API, torch 2.13) FSDP2 initialises at the root's first call
@@ -524,15 +517,25 @@ def _retie(module):
     return module
 
 
+def _take_weights(module) -> tuple[dict, dict | None]:
+    """Rank 0's state dict and buffers of `module` (its tensors referenced, not copied; ({}, None) on the other ranks),
+    and `module` left on the meta device: the shell that `_shard_from_main` fills."""
+    main = world().is_main
+    state = module.state_dict() if main else {}
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()} if main else None
+    module.to("meta")
+    return state, buffers
+
+
 def _shard_from_main(module, state: dict, buffers: dict | None, device: str):
-    """`module`, on the meta device on every rank, FSDP2-sharded in place and filled with rank 0's weights: `state` (rank
-    0's full state dict, {} elsewhere) is broadcast a tensor at a time and each rank keeps its shard (torch's
+    """`module`, on the meta device on every rank (`_take_weights`), FSDP2-sharded in place and filled with rank 0's
+    weights: `state` (rank 0's full state dict, {} elsewhere) is broadcast a tensor at a time and each rank keeps its shard (torch's
     `set_model_state_dict` with `broadcast_from_rank0`); so are the buffers no state dict holds (`buffers`: rank 0's,
     None elsewhere). No host but rank 0's, and no device, ever holds the whole model."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    _fully_shard(module)
+    _fully_shard(_retie(module))
     module.to_empty(device=device)
     set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     with torch.no_grad():
@@ -548,11 +551,7 @@ def shard_frozen(module, device: str):
     decoder block and the root, gathered a block at a time in its forward; unchanged in one process. Call the root."""
     if not world().distributed:
         return module
-    main = world().is_main
-    state = module.state_dict() if main else {}
-    buffers = {n: b.detach().clone() for n, b in module.named_buffers()} if main else None
-    _shard_from_main(_retie(module.to("meta")), state, buffers, device)  # rank 0's weights (ranks > 0 may hold a meta copy)
-    del state, buffers
+    _shard_from_main(module, *_take_weights(module), device)  # rank 0's weights (ranks > 0 may hold a meta copy)
     # FSDP2 keeps a root's weights gathered after its forward, for the backward that follows; this one has none
     module._get_fsdp_state()._lazy_init()  # (private API, torch 2.13: the root is special-cased at initialisation)
     module.set_reshard_after_forward(True, recurse=False)
