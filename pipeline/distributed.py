@@ -463,6 +463,35 @@ def _fully_shard(module):
     return module
 
 
+def free_memory(device: str) -> None:
+    """Collect what the training left (FSDP2's modules hold reference cycles) and give the device's cached blocks back,
+    before a stage loads the next model."""
+    import gc
+
+    gc.collect()
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def on_main(fn):
+    """`fn()` run by rank 0 alone (an external command, say), its result given to every rank; its `StageFailed` is
+    raised on every rank, so that none waits for a rank that stopped."""
+    from .errors import StageFailed
+
+    if not world().distributed:
+        return fn()
+    result = None
+    if world().is_main:
+        try:
+            result = ("ok", fn())
+        except StageFailed as e:
+            result = ("failed", str(e))
+    kind, value = from_main(result)
+    if kind == "failed":
+        raise StageFailed(value)
+    return value
+
+
 def load_device(cfg, device: str) -> str:
     """Where a stage that trains loads its model, and gets it back after training: the device; or, when the model is too
     big for one device (`hardware.shard_inference` in several processes, FSDP2), rank 0's host memory and, on the other

@@ -83,6 +83,11 @@ class CommandJudge(Judge):
         self.name = f"command: {command}"
 
     def outcomes(self, prompts, dialogues, a, b):
+        from pipeline.distributed import on_main
+
+        return on_main(lambda: self._outcomes(dialogues, a, b))  # several processes: the command runs once, on rank 0
+
+    def _outcomes(self, dialogues, a, b):
         rng = random.Random(self.seed)
         swap = [rng.random() < 0.5 for _ in a]
         lines = [json.dumps({"prompt": d, "a": y if s else x, "b": x if s else y}) for d, x, y, s in zip(dialogues, a, b, swap)]

@@ -285,7 +285,7 @@ class ShardedBackend:
     whole (70B): loaded by `pipeline.distributed.load_sharded` (rank 0 reads the folder, every rank keeps its shard),
     each rank samples its share of the prompts (`share`) in lockstep (`generate(lockstep=True)`: every call of the
     model gathers one block at a time), and every rank gets all the outputs back (`gather`). The same outputs as our
-    engine on each rank's share with the model whole, its seed offset by the rank (tested in 2 processes)."""
+    engine on each rank's share with the model whole, its seed offset by 1,000,003 x the rank (tested in 2 processes)."""
 
     def __init__(self, model, pad_token_id: int, max_batch_tokens: int = 16384, split: bool = True) -> None:
         """split=False: every rank samples every prompt with the same seed (the outputs of one process, whatever the
@@ -313,7 +313,7 @@ class ShardedBackend:
         if not self.split:
             return generate(self.model, prompts, params, n, self.pad_token_id, self.max_batch_tokens, progress, lockstep=True)
         mine = share(list(prompts), w)
-        seed = None if params.seed is None else params.seed + w.rank
+        seed = None if params.seed is None else params.seed + 1_000_003 * w.rank  # far apart: stages step seeds by 1 to 1000
         outs = generate(self.model, mine, SamplingParams(**{**vars(params), "seed": seed}), n, self.pad_token_id,
                         self.max_batch_tokens, None if progress is None else (lambda k: progress(k * w.size)), lockstep=True)
         return gather(outs, w)

@@ -174,7 +174,7 @@ def run(ctx: StageContext) -> dict:
         n_turns = rng.randint(2, cfg.turns)
         dialogs.append({"instructions": ins, "users": [rng.choice(users) for _ in range(n_turns)], "replies": [],
                         "short": rng.random() < cfg.shorten_prob})
-    sampler = engine_for(cfg, model, ctx.input("policy").path)
+    sampler = model if sharded else engine_for(cfg, model, ctx.input("policy").path)  # sharded: already the engine
     bar = ctx.progress(cfg.turns, "synthesize turns", unit="turn")
     for t in range(cfg.turns):
         active = [d for d in dialogs if len(d["users"]) > t]

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext, StageFailed
-from pipeline.distributed import Sharded, all_sum, check_divisible, gather, load_device, shard_frozen, share
+from pipeline.distributed import Sharded, all_sum, check_divisible, from_main, gather, load_device, shard_frozen, share
 from pipeline.io import write_json
 from pipeline.models import holds_weights, load_policy, save_policy, unwrap_peft
 
@@ -334,8 +334,9 @@ def run(ctx: StageContext) -> dict:
         """Mean unwhitened combined reward of greedy replies to the early-stop prompts."""
         dl = [messages_to_dicts(p.messages) for p in early_prompts]
         sp = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stops, seed=ctx.seed)
-        with pv.gathered() as whole:
-            outs = [r[0] for r in generate(whole.policy, [encode_prompt(tok, d) for d in dl], sp, n=1, pad_token_id=tok.pad_token_id)]
+        with pv.gathered(whole=not sharded_sampling) as m:  # every rank the same prompts (in lockstep when sharded)
+            outs = [r[0] for r in generate(m.policy, [encode_prompt(tok, d) for d in dl], sp, n=1, pad_token_id=tok.pad_token_id,
+                                           lockstep=sharded_sampling)]
         txt = [tok.decode(r, skip_special_tokens=True).strip() for r in outs]
         s = scorer.score(dl, txt, [p.is_safety for p in early_prompts], whiten=False).combined
         return float(penalise_truncated(s, finished(outs, stops), cfg.missing_eos_penalty).mean())
@@ -426,7 +427,7 @@ def run(ctx: StageContext) -> dict:
             save(step + 1)
         if early_prompts and ((step + 1) % cfg.early_stop_every == 0 or step + 1 == cfg.steps):
             value = held_out_reward()
-            improved, stop = early.update(value, step + 1)
+            improved, stop = early.update(from_main(value), step + 1)  # every rank takes rank 0's decision
             ctx.log({"held_out_reward": value}, step=step)
             if improved:
                 save_on_main(best_ckpt, model=pv.model_state(), step=step + 1)

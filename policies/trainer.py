@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from pipeline.chat import IGNORE
 from pipeline.config import LoraConfig, TrainConfig
 from pipeline.context import StageFailed
-from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, from_main, load_device, share, world
+from pipeline.distributed import Sharded, all_sum, barrier, check_divisible, free_memory, from_main, load_device, share, world
 from pipeline.io import fsync_path
 from pipeline.models import QLoRAUnavailable, is_quantized, load_policy, qlora_quantization
 
@@ -505,7 +505,8 @@ def train_causal_lm(model, train_rows: Sequence[PackedRow], eval_rows: Sequence[
     eval_loss = evaluate_loss(net, eval_rows, tc.micro_batch_size, device)  # still sharded: every rank the same rows
     model = sharded.unshard(load_device(ctx.config, device))  # with hardware.shard_inference, into host memory
     world_size, sharding = sharded.world.size, sharded.engine
-    del net, sharded
+    del net, sharded, sched  # the scheduler holds the optimiser, which holds the shards and Adam moments
+    free_memory(device)
     if tc.gradient_checkpointing:
         model.activation_checkpointing_disable()  # the stage samples with the trained model next: use the KV cache again
     return {

@@ -73,7 +73,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     """A reward model of `kind` on the round's comparisons (split by prompt: the held-out prompts' comparisons
     measure it). judge=True: the held-out judge RM, trained on exactly those held-out comparisons (both domains,
     no static sets), so it has seen nothing the optimised RMs trained on; it is measured on the template pairs."""
-    from pipeline.distributed import Sharded, all_sum, big_model, check_divisible, from_main, load_device, load_sharded, share, world
+    from pipeline.distributed import Sharded, all_sum, big_model, check_divisible, free_memory, from_main, load_device, load_sharded, share, world
     from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
     cfg = ctx.section
@@ -154,7 +154,8 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
             save_train_state(ckpt, sharded, sched, step + 1)
     model = merge_lora(sharded.unshard(load_device(ctx.config, device)).model)
     world_size, sharding = sharded.world.size, sharded.engine
-    del net, sharded
+    del net, sharded, sched  # the scheduler holds the optimiser, which holds the shards and Adam moments
+    free_memory(device)
     bar.close()
     elapsed = time.time() - t0
     model.eval()

@@ -340,3 +340,16 @@ def test_shard_inference_in_two_processes_equals_one(two_process_run, tmp_path):
     assert a.keys() == b.keys() and len(a) > 20
     different = {k: (a[k], b[k]) for k in a if b[k] != pytest.approx(a[k], rel=1e-3, abs=1e-4)}
     assert not different
+
+
+def test_on_main_runs_once_and_raises_its_failure_on_every_rank(tmp_path):
+    """An external judge command in a stage every rank joins runs on rank 0 alone; its failure stops every rank
+    (instead of rank 0 failing while the others wait in the next collective)."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(root / "tests/scripts/on_main.py"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert p.returncode == 0, _failure(p)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["got"] for r in ranks] == [{"from": 0}, {"from": 0}]
+    assert ranks[0]["calls"] == [0, 0] and ranks[1]["calls"] == []
+    assert all(r["error"] == "judge command exited with 3" for r in ranks)

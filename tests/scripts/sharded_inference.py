@@ -33,7 +33,7 @@ def main(policy_dir: str, rm_dir: str, out: str) -> None:
     for name, params in {"sampled": SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=stop_token_ids(tok), seed=7),
                          "greedy": SamplingParams(max_new_tokens=9, temperature=0.0, seed=7)}.items():
         sharded = generate(engine, prompts, params, n=3)
-        mine = generate(whole, share(prompts), SamplingParams(**{**vars(params), "seed": params.seed + w.rank}), n=3,
+        mine = generate(whole, share(prompts), SamplingParams(**{**vars(params), "seed": params.seed + 1_000_003 * w.rank}), n=3,
                         pad_token_id=tok.pad_token_id, max_batch_tokens=96)
         result[name] = {"sharded": sharded, "whole": gather(mine)}
     dialogues = [[{"role": "user", "content": f"question {i} " + "word " * (i % 6)}] for i in range(7)]
