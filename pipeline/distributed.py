@@ -496,7 +496,7 @@ def load_device(cfg, device: str) -> str:
     """Where a stage that trains loads its model, and gets it back after training: the device; or, when the model is too
     big for one device (`hardware.shard_inference` in several processes, FSDP2), rank 0's host memory and, on the other
     ranks, the meta device (the modules without weights): `Sharded` gives each rank its shard of rank 0's weights, and
-    `unshard` gathers the trained ones into rank 0's host memory alone. Host memory: one copy, rank 0's."""
+    `unshard` gathers the trained ones into rank 0's host memory alone."""
     if not big_model(cfg):
         return device
     return "cpu" if world().is_main else "meta"
@@ -509,23 +509,17 @@ def big_model(cfg) -> bool:
 
 def load_sharded(load, device: str, wrap=None):
     """A model that only runs forward (sampling, scoring) FSDP2-sharded over the ranks from the start, so that no
-    device, and no host but rank 0's, ever holds it whole: rank 0 reads it into host memory (`load()`, which returns it
-    on the CPU), the other ranks build the same modules on the meta device from its config (no weights read, no memory
-    held), and each rank then receives only its shard of rank 0's weights (torch's `set_model_state_dict` with
-    `broadcast_from_rank0`). In one process: `load()` moved to `device`. Every rank must call it (or its submodules) as many times
+    device, and no host but rank 0's, ever holds it whole: rank 0 reads it into host memory (`load("cpu")`), the other
+    ranks build the same modules on the meta device (`load("meta")`: from its config, no weights read, no memory held,
+    `pipeline.models.on_meta`), and each rank then receives only its shard of rank 0's weights (torch's
+    `set_model_state_dict` with `broadcast_from_rank0`). In one process: `load(device)`. Every rank must call it (or its submodules) as many times
     as every other rank (each call gathers the blocks: a collective), which `generate(lockstep=True)` and
     `reward_models.model.score(lockstep=True)` see to. `wrap`: a module put around the model on every rank before it is
     sharded, when the forward that runs is the wrapper's (a reward model's `RewardForward`)."""
     wrap = wrap or (lambda m: m)
     if not world().distributed:
-        return wrap(load()).to(device).eval()
-    w = world()
-    model = load() if w.is_main else None
-    cls, config = from_main((type(model), model.config) if w.is_main else None)
-    if not w.is_main:
-        with torch.device("meta"):
-            model = cls._from_config(config, dtype=config.dtype)
-    model = wrap(model)
+        return wrap(load(device)).eval()
+    model = wrap(load("cpu" if world().is_main else "meta"))
     _shard_from_main(model, *_take_weights(model), device)
     # the root's own weights (embeddings, final norm, heads: small) stay gathered, so that submodules can be called
     # directly (a reward model's trunk, the chunked log-probs of `evaluate`'s KL): each block gathers itself

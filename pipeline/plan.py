@@ -313,7 +313,6 @@ def _ppo(cfg: RunConfig, shape: Shape, rms: int, setup: Setup) -> StagePlan:
     if sharded:  # the frozen reference is sharded too
         reference //= setup.world
         t = _sharded_training(shape, shape.params, trainable, activations, logits, setup)
-        t.pop("unshard", None)  # PPO gathers its policy at the end a tensor at a time into host memory when shard_inference
         t["peak"] += (reference * FP32) + rm_bytes
         policy_weights = t["weights"]  # its shard, between rollouts
     else:

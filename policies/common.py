@@ -57,7 +57,7 @@ def load_frozen_policy(ctx: StageContext, path):
 
     from pipeline.distributed import load_sharded
 
-    model = load_sharded(lambda: load_policy(path, "cpu", dtype=ctx.inference_dtype)[0], ctx.device)
+    model = load_sharded(lambda where: load_policy(path, where, dtype=ctx.inference_dtype)[0], ctx.device)
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
@@ -84,7 +84,8 @@ def trained_sampler(ctx: StageContext, model):
         return model
     from .generation import ShardedBackend
 
-    return ShardedBackend.load(from_main(str(ctx.out_dir)), ctx.device, ctx.inference_dtype, split=False)[0]
+    model, tok = load_frozen_policy(ctx, from_main(str(ctx.out_dir)))
+    return ShardedBackend(model, tok.pad_token_id, split=False)
 
 
 def sample_replies(model, tok, dialogues: Sequence[Sequence[dict]], n: int, max_new_tokens: int, temperature: float, seed: int,

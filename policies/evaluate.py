@@ -14,7 +14,6 @@ interval (reward hacking) is flagged, with the tests that fired. Writes report.j
 """
 from __future__ import annotations
 
-import gc
 import json
 import random
 import shlex
@@ -27,6 +26,7 @@ import torch
 
 from pipeline.chat import encode_prompt, stop_token_ids
 from pipeline.context import StageContext
+from pipeline.distributed import free_memory
 from pipeline.errors import StageFailed
 from pipeline.io import read_json, write_json, write_jsonl
 from reward_models.losses import pairwise_accuracy
@@ -120,17 +120,10 @@ class HeldOutRMJudge(Judge):
     wins, equal is a tie (Llama 2 sec. 3.4.1 checks its RMs against such a held-out model)."""
 
     def __init__(self, path, max_length: int, device: str, dtype: str = "float32", sharded: bool = False):
-        from reward_models.model import RewardForward, load_reward_model
+        from reward_models.model import load_frozen_reward_model
 
-        if sharded:  # hardware.shard_inference: every rank a shard, every rank scores the same pairs
-            from transformers import AutoTokenizer
-
-            from pipeline.distributed import load_sharded
-
-            self.model = load_sharded(lambda: load_reward_model(path, "cpu", dtype)[0], device, wrap=RewardForward)
-            self.tok = AutoTokenizer.from_pretrained(str(path))
-        else:
-            self.model, self.tok = load_reward_model(path, device, dtype)
+        # sharded (hardware.shard_inference): every rank a shard, every rank scores the same pairs
+        self.model, self.tok = load_frozen_reward_model(path, device, dtype, sharded)
         self.max_length, self.device = max_length, device
         self.name = f"held-out judge RM ({Path(path).name})"
 
@@ -262,9 +255,7 @@ def run(ctx: StageContext) -> dict:
 
     # the optimised reward models are done: free them before a held-out judge RM takes their place
     del scorer, model, t
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
 
     # the independent judges: the demo's gold oracle, the held-out judge RM, an external command
     oracle = demo_oracle(ctx)

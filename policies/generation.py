@@ -282,7 +282,7 @@ class VLLMBackend:
 
 class ShardedBackend:
     """Sampling from a policy FSDP2-sharded over the ranks (`hardware.shard_inference`), for models no device holds
-    whole (70B): loaded by `pipeline.distributed.load_sharded` (rank 0 reads the folder, every rank keeps its shard),
+    whole (70B), sharded by `pipeline.distributed.load_sharded` (rank 0 reads the folder, every rank keeps its shard),
     each rank samples its share of the prompts (`share`) in lockstep (`generate(lockstep=True)`: every call of the
     model gathers one block at a time), and every rank gets all the outputs back (`gather`). The same outputs as our
     engine on each rank's share with the model whole, its seed offset by 1,000,003 x the rank (tested in 2 processes)."""
@@ -291,21 +291,6 @@ class ShardedBackend:
         """split=False: every rank samples every prompt with the same seed (the outputs of one process, whatever the
         number of ranks; the work is not divided), in lockstep all the same."""
         self.model, self.pad_token_id, self.max_batch_tokens, self.split = model, pad_token_id, max_batch_tokens, split
-
-    @classmethod
-    def load(cls, path, device: str, dtype: str = "float32", max_batch_tokens: int = 16384, split: bool = True):
-        """(engine, tokenizer) of the policy folder at `path`."""
-        from transformers import AutoTokenizer
-
-        from pipeline.distributed import load_sharded
-        from pipeline.models import load_policy
-
-        model = load_sharded(lambda: load_policy(path, "cpu", dtype=dtype)[0], device)
-        tok = AutoTokenizer.from_pretrained(str(path))
-        return cls(model, tok.pad_token_id, max_batch_tokens, split), tok
-
-    def to(self, device):  # the stages move a sampler aside while reward models score; a sharded one stays
-        return self
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, n: int,
                  progress: Callable[[int], None] | None = None) -> list[list[list[int]]]:

@@ -66,7 +66,6 @@ def run(ctx: StageContext) -> dict:
     sharded = sharded_inference(ctx)
     if sharded:
         sampler, tok = policy_sampler(ctx, cfg, ctx.input("policy").path)
-        model = sampler
     else:
         model, tok = load_trainable(ctx.input("policy").path, cfg.lora, ctx.device)
         sampler = engine_for(cfg, model, ctx.input("policy").path)
@@ -82,7 +81,7 @@ def run(ctx: StageContext) -> dict:
             candidates[i] += [(r, t) for r in rs]
     bar.close()
 
-    if ctx.device != "cpu":  # one model resident on the GPU at a time: the policy waits on the CPU while the RMs score
+    if ctx.device != "cpu" and not sharded:  # one model resident on the GPU at a time: the policy waits on the CPU while the RMs score
         model.to("cpu")
     scorer = RewardScorer.from_inputs(ctx, cfg.safety_threshold)
     flat_prompts = [d for d, c in zip(dialogues, candidates) for _ in c]
@@ -134,7 +133,7 @@ def run(ctx: StageContext) -> dict:
             unique.append(s)
     del scorer  # the reward models are done: free them before the policy trains
     if sharded:
-        del sampler, model
+        del sampler
         model, _ = load_trainable(ctx.input("policy").path, cfg.lora, load_device(ctx.config, ctx.device))
     else:
         model.to(ctx.device)  # back from the host, where it waited while the reward models scored

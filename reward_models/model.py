@@ -28,6 +28,20 @@ def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float
     return model.to(device), tok
 
 
+def load_frozen_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float32", sharded: bool = False):
+    """(model, tokenizer) of a reward model that only scores: whole on the device, or with `sharded` (in several
+    processes) FSDP2-sharded over the ranks as a `RewardForward` root, the forward that runs
+    (`pipeline.distributed.load_sharded`: rank 0 reads it, every rank keeps a shard)."""
+    from pipeline.distributed import load_sharded, world
+
+    if not (sharded and world().distributed):
+        return load_reward_model(path, device, dtype)
+    from transformers import AutoTokenizer
+
+    model = load_sharded(lambda where: load_reward_model(path, where, dtype)[0], device, wrap=RewardForward)
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
 def encode_pair(tok, prompt: Sequence[dict], response: str, max_length: int) -> list[int]:
     """Token ids of prompt + response + end of turn, truncated from the left to `max_length`."""
     ids, _ = encode_dialogue(tok, [*prompt, {"role": "assistant", "content": response}])
@@ -160,4 +174,4 @@ def score(model, tok, prompts: Sequence[Sequence[dict]], responses: Sequence[str
     return out
 
 
-__all__ = ["IGNORE", "load_reward_model", "encode_pair", "forward_pair_rewards", "forward_rewards", "score"]
+__all__ = ["IGNORE", "load_reward_model", "load_frozen_reward_model", "encode_pair", "forward_pair_rewards", "forward_rewards", "score"]

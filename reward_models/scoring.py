@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .combine import combined_reward_from_logits, gate_logits, gate_reward
-from .model import load_reward_model, score
+from .model import load_frozen_reward_model, score
 
 
 @dataclass
@@ -39,20 +39,11 @@ class RewardScorer:
 
     def __init__(self, helpful_path: str | Path, safety_path: str | Path, device: str = "cpu", threshold: float = 0.15,
                  max_length: int = 4096, dtype: str = "float32", sharded: bool = False):
-        from pipeline.distributed import load_sharded, world
+        from pipeline.distributed import world
 
         self.sharded = sharded and world().distributed
-        if self.sharded:
-            from transformers import AutoTokenizer
-
-            from .model import RewardForward  # the sharded root: its forward is the one that runs
-
-            self.helpful = load_sharded(lambda: load_reward_model(helpful_path, "cpu", dtype)[0], device, wrap=RewardForward)
-            self.safety = load_sharded(lambda: load_reward_model(safety_path, "cpu", dtype)[0], device, wrap=RewardForward)
-            self.tok_h, self.tok_s = AutoTokenizer.from_pretrained(str(helpful_path)), AutoTokenizer.from_pretrained(str(safety_path))
-        else:
-            self.helpful, self.tok_h = load_reward_model(helpful_path, device, dtype)
-            self.safety, self.tok_s = load_reward_model(safety_path, device, dtype)
+        self.helpful, self.tok_h = load_frozen_reward_model(helpful_path, device, dtype, self.sharded)
+        self.safety, self.tok_s = load_frozen_reward_model(safety_path, device, dtype, self.sharded)
         self.helpful.eval()
         self.safety.eval()
         self.device, self.threshold, self.max_length = device, threshold, max_length

@@ -25,7 +25,7 @@ from data_specs.schemas import STRENGTHS, Comparison, messages_to_dicts
 
 from .data import StaticSet, holdout, mix_for, prompt_key, static_sets
 from .losses import margin_for, pairwise_accuracy, ranking_loss
-from .model import RewardForward, encode_pair, forward_pair_rewards, load_reward_model, score
+from .model import RewardForward, encode_pair, forward_pair_rewards, load_frozen_reward_model, load_reward_model, score
 
 
 HELD_OUT_FILE = "held_out_comparisons.jsonl"  # the RM's own-domain held-out on-policy comparisons (evaluate reads it)
@@ -73,7 +73,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     """A reward model of `kind` on the round's comparisons (split by prompt: the held-out prompts' comparisons
     measure it). judge=True: the held-out judge RM, trained on exactly those held-out comparisons (both domains,
     no static sets), so it has seen nothing the optimised RMs trained on; it is measured on the template pairs."""
-    from pipeline.distributed import Sharded, all_sum, big_model, check_divisible, free_memory, from_main, load_device, load_sharded, share, world
+    from pipeline.distributed import Sharded, all_sum, big_model, check_divisible, free_memory, from_main, load_device, share, world
     from policies.trainer import apply_lora, cosine_lambda, load_train_state, make_optimizer, merge_lora, save_train_state
 
     cfg = ctx.section
@@ -163,7 +163,7 @@ def train_reward_model(ctx: StageContext, kind: str, judge: bool = False) -> dic
     if big_model(ctx.config):  # too big for one device: score with a copy sharded over the ranks, read back from the artifact
         saved = from_main(str(ctx.out_dir))  # rank 0's folder (the others wrote a scratch copy)
         del model
-        model = load_sharded(lambda: load_reward_model(saved, "cpu", ctx.inference_dtype)[0], device, wrap=RewardForward)
+        model, _ = load_frozen_reward_model(saved, device, ctx.inference_dtype, sharded=True)
 
     metrics = {"n_train": len(train), "n_collected": len(comparisons), "steps": total, "resumed_from_step": resumed,
                "world_size": world_size, "sharding": sharding,

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from pipeline.chat import stop_token_ids
-from pipeline.distributed import gather, init, share, world
+from pipeline.distributed import gather, init, load_sharded, share, world
 from pipeline.models import load_policy
 from policies.generation import SamplingParams, ShardedBackend, generate
 from reward_models.scoring import RewardScorer
@@ -22,8 +22,9 @@ def main(policy_dir: str, rm_dir: str, out: str) -> None:
     init("cpu")
     w = world()
     torch.manual_seed(1234 + w.rank)  # a rank that used its own random weights would be caught
-    engine, tok = ShardedBackend.load(policy_dir, "cpu", max_batch_tokens=96)  # small batches: ranks get different counts
-    whole, _ = load_policy(policy_dir, "cpu")
+    whole, tok = load_policy(policy_dir, "cpu")
+    sharded = load_sharded(lambda where: load_policy(policy_dir, where)[0], "cpu")
+    engine = ShardedBackend(sharded, tok.pad_token_id, max_batch_tokens=96)  # small batches: ranks get different counts
     # prompts of many lengths, an odd count: the ranks get different numbers of prompts, batches and decode steps
     prompts = [[tok.bos_token_id] + [5 + (i * 7 + j) % 200 for j in range(2 + (i * 5) % 23)] for i in range(11)]
     # the decoder blocks' weights held by this rank (the root's own, embeddings and head, stay gathered)
