@@ -811,7 +811,8 @@ def test_scorer_loads_and_scores_on_its_device_and_dtype(monkeypatch):
 
     loads, passes = [], []
 
-    def fake_load(path, device="default", dtype="default"):
+    def fake_load(path, device="default", dtype="default", sharded=False):
+        assert not sharded  # one process
         loads.append((str(path), device, dtype))
         return torch.nn.Identity(), SimpleNamespace(name=str(path))
 
@@ -819,7 +820,7 @@ def test_scorer_loads_and_scores_on_its_device_and_dtype(monkeypatch):
         passes.append((tok.name, max_length, device))
         return torch.zeros(len(responses), dtype=torch.bfloat16)
 
-    monkeypatch.setattr(scoring, "load_reward_model", fake_load)
+    monkeypatch.setattr(scoring, "load_frozen_reward_model", fake_load)
     monkeypatch.setattr(scoring, "score", fake_score)
     sc = scoring.RewardScorer("h", "s", device="cuda:1", threshold=0.3, max_length=50, dtype="bfloat16")
     assert loads == [("h", "cuda:1", "bfloat16"), ("s", "cuda:1", "bfloat16")]
